@@ -1,0 +1,66 @@
+"""Backend selection for the MAE ops: "torch" (reference), "triton", "cuda", or "auto".
+
+A backend is a module exposing `is_available(device) -> bool` (and `unavailable_reason(device)`)
+plus the five op functions with the public signatures, taking inputs already validated by `checks`.
+Backends are imported lazily, so `import fastmae_kernels` needs neither Triton nor the CUDA extension.
+"""
+
+import importlib
+import logging
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "torch")  # fastest first
+_MODULES = {
+    "torch": "fastmae_kernels.torch_ops",
+    "triton": "fastmae_kernels.triton_ops",
+    "cuda": "fastmae_kernels.cuda_ops",
+}
+_loaded: dict[str, ModuleType | Exception] = {}
+_auto_logged: set[tuple[str, str]] = set()
+log = logging.getLogger("fastmae_kernels")
+
+
+def _load(name: str) -> ModuleType | Exception:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as exc:  # ImportError, or a broken build of the extension
+            _loaded[name] = exc
+    return _loaded[name]
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on `device`, else one line saying why not."""
+    module = _load(name)
+    if isinstance(module, Exception):
+        return f"cannot import {_MODULES[name]}: {module}"
+    return module.unavailable_reason(torch.device(device))
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run on `device`, fastest first."""
+    return [name for name in AUTO_ORDER if unavailable_reason(name, torch.device(device)) is None]
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Turns "auto" into a concrete backend for `device`; checks an explicit one can run there."""
+    device = torch.device(device)
+    if backend == "auto":
+        chosen = available_backends(device)[0]
+        if (device.type, chosen) not in _auto_logged:
+            _auto_logged.add((device.type, chosen))
+            log.info("fastmae_kernels: backend 'auto' chose '%s' on %s", chosen, device.type)
+        return chosen
+    if backend not in BACKENDS:
+        raise ValueError(f"fastmae_kernels: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"fastmae_kernels: backend '{backend}' cannot run on {device}: {reason}")
+    return backend
+
+
+def backend_module(backend: str, device: torch.device | str) -> ModuleType:
+    return _load(resolve_backend(backend, device))

@@ -1,0 +1,55 @@
+"""Public MAE ops. Each validates its inputs once, then runs on the chosen backend."""
+
+import torch
+
+from fastmae_kernels import checks
+from fastmae_kernels.dispatch import backend_module
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float, backend: str = "auto"):
+    """noise [N, L] -> (ids_keep [N, K] int64, ids_restore [N, L] int64, mask [N, L]); K = int(L*(1-ratio)).
+
+    Ascending noise is kept; mask is 1 on removed patches, in noise's dtype (the official semantics).
+    """
+    checks.check_random_masking(noise, mask_ratio)
+    return backend_module(backend, noise.device).random_masking(noise, mask_ratio)
+
+
+def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str = "auto") -> torch.Tensor:
+    """imgs [N, C, H, W], ids_keep [N, K] -> visible patches [N, K, p*p*C] in the official (p, q, c) order."""
+    checks.check_gather_patches(imgs, ids_keep, patch_size)
+    return backend_module(backend, imgs.device).gather_patches(imgs, ids_keep, patch_size)
+
+
+def gather_tokens(
+    x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """x [N, L, D], ids_keep [N, K], pos_embed [1, L, D] -> [N, K, D] with the kept rows' positions added."""
+    checks.check_gather_tokens(x, ids_keep, pos_embed)
+    return backend_module(backend, x.device).gather_tokens(x, ids_keep, pos_embed)
+
+
+def insert_mask_tokens(
+    x_vis: torch.Tensor,
+    mask_token: torch.Tensor,
+    ids_restore: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x_vis [N, K, D], mask_token [1, 1, D], ids_restore [N, L], pos_embed [1, L, D] -> [N, L, D]."""
+    checks.check_insert_mask_tokens(x_vis, mask_token, ids_restore, pos_embed)
+    return backend_module(backend, x_vis.device).insert_mask_tokens(x_vis, mask_token, ids_restore, pos_embed)
+
+
+def masked_mse_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """pred [N, L, p*p*C], imgs [N, C, H, W], mask [N, L] -> fp32 scalar: the official MAE loss."""
+    checks.check_masked_mse_loss(pred, imgs, mask, patch_size)
+    return backend_module(backend, pred.device).masked_mse_loss(pred, imgs, mask, patch_size, norm_pix, eps)

@@ -1,0 +1,15 @@
+"""The "torch" backend: the plain references, differentiable through ordinary autograd."""
+
+import torch
+
+from fastmae_kernels.reference import (  # noqa: F401  (re-exported as this backend's ops)
+    gather_patches,
+    gather_tokens,
+    insert_mask_tokens,
+    masked_mse_loss,
+    random_masking,
+)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None

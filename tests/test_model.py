@@ -1,0 +1,107 @@
+"""fastmae's MAE against the plain official formulation, on the same weights and the same noise."""
+
+import pytest
+import torch
+
+from fastmae.models import MaskedAutoencoderViT, create_model, model_config
+from fastmae.models.pos_embed import sincos_2d
+
+TINY = "mae_vit_tiny_patch4_dec64d2b"
+
+
+def _pair(norm_pix: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    reference = create_model(TINY, reference=True, norm_pix_loss=norm_pix).double()
+    model = create_model(TINY, norm_pix_loss=norm_pix, backend="torch").double()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return reference, model
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_forward_and_gradients_match_reference(norm_pix, batch):
+    reference, model = _pair(norm_pix)
+    imgs = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+    noise = torch.rand(batch, 64, dtype=torch.float64)
+    loss_r, pred_r, mask_r = reference(imgs, 0.75, noise)
+    loss_m, pred_m, mask_m = model(imgs, 0.75, noise)
+    assert torch.equal(mask_r, mask_m)
+    assert mask_m.sum().item() == batch * (64 - 16)
+    torch.testing.assert_close(pred_m, pred_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss_m, loss_r, rtol=1e-10, atol=1e-10)
+    loss_r.backward()
+    loss_m.backward()
+    for (name, p_r), (_, p_m) in zip(reference.named_parameters(), model.named_parameters()):
+        if p_r.requires_grad:
+            assert p_m.grad is not None, name
+            assert p_r.grad.abs().sum() > 0, f"{name}: reference gradient is all zero, the test would be vacuous"
+            torch.testing.assert_close(p_m.grad, p_r.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_mask_follows_noise_ascending_kept():
+    _, model = _pair(True)
+    noise = torch.rand(2, 64, dtype=torch.float64)
+    _, _, mask = model(torch.randn(2, 3, 32, 32, dtype=torch.float64), 0.75, noise)
+    kept = noise.argsort(dim=1)[:, :16]
+    assert torch.all(mask.gather(1, kept) == 0)
+    assert mask.sum(dim=1).tolist() == [48.0, 48.0]
+
+
+OFFICIAL_KEYS = [
+    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+    "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight",
+    "blocks.0.norm2.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "norm.bias",
+    "decoder_embed.weight", "mask_token", "decoder_pos_embed", "decoder_blocks.0.attn.qkv.weight",
+    "decoder_norm.weight", "decoder_pred.weight", "decoder_pred.bias",
+]
+
+
+def test_state_dict_has_official_keys_and_round_trips():
+    torch.manual_seed(1)
+    model = create_model(TINY)
+    state = model.state_dict()
+    for key in OFFICIAL_KEYS:
+        assert key in state, key
+    other = create_model(TINY)
+    assert not torch.equal(other.cls_token, model.cls_token)
+    other.load_state_dict(state, strict=True)
+    for key, value in state.items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_vit_base_shapes_match_official():
+    # The official ViT-B MAE has 111.9M parameters (incl. the fixed position tables).
+    cfg = model_config("mae_vit_base_patch16")
+    model = MaskedAutoencoderViT(**cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 111_907_840
+    assert model.decoder_pred.weight.shape == (768, 512)
+    assert model.blocks[0].norm1.eps == 1e-6
+
+
+def test_pos_embed_is_fixed_sincos():
+    model = create_model(TINY)
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    table = sincos_2d(96, 8, 8)
+    assert torch.equal(model.pos_embed.data, table)
+    assert torch.all(table[0, 0] == 0)
+    # channel 0 is sin(w * 1): for the patch at row 0, column 1 it is sin(1)
+    assert table[0, 1 + 1, 0].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(noise=torch.rand(2, 10)), "noise must be"), (dict(imgs=torch.randn(2, 3, 30, 30)), "expects images")],
+)
+def test_bad_input_is_a_clear_error(kwargs, match):
+    model = create_model(TINY)
+    imgs = kwargs.pop("imgs", torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=match):
+        model(imgs, 0.75, **kwargs)
+
+
+def test_unknown_model_and_backend():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("mae_vit_gigantic")
+    with pytest.raises(ValueError, match="backend must be"):
+        create_model(TINY, backend="opencl")
