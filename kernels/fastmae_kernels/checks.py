@@ -40,7 +40,7 @@ def _check_ids(op: str, name: str, ids: torch.Tensor, batch: int, upper: int) ->
     if ids.numel() == 0:
         return
     message = f"fastmae_kernels.{op}: {name} has ids outside [0, {upper})"
-    if ids.device.type == "cpu":
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # a .item() would break the graph
         if int(ids.min()) < 0 or int(ids.max()) >= upper:
             raise IndexError(message)
     elif not torch.compiler.is_compiling():
