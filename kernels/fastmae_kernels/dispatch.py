@@ -49,7 +49,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Turns "auto" into a concrete backend for `device`; checks an explicit one can run there."""
     device = torch.device(device)
     if backend == "auto":
-        chosen = available_backends(device)[0]
+        # On CPU, Triton is its interpreter (a test tool, far slower than torch): auto never picks it there.
+        chosen = "torch" if device.type == "cpu" else available_backends(device)[0]
         if (device.type, chosen) not in _auto_logged:
             _auto_logged.add((device.type, chosen))
             log.info("fastmae_kernels: backend 'auto' chose '%s' on %s", chosen, device.type)

@@ -1,0 +1,67 @@
+"""Helpers shared by the Triton ops: availability, dtype rules, block sizes, inverse index maps."""
+
+import os
+
+import torch
+import triton
+from triton import knobs
+
+# Kernels are defined (interpreted or compiled) when their module is imported: Triton reads
+# TRITON_INTERPRET at @triton.jit time, so setting it later has no effect on these kernels.
+INTERPRETED = bool(knobs.runtime.interpret)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on tensors of `device`, else one line saying why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before import"
+        if not INTERPRETED:
+            return "TRITON_INTERPRET=1 was set after fastmae_kernels.triton_ops was imported (kernels are compiled)"
+        return None
+    return f"Triton kernels run on CUDA (or CPU with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def check_kernel_dtype(op: str, **tensors: torch.Tensor | None) -> None:
+    """The kernels compute in fp32 and store fp32/bf16/fp16; fp64 stays on the torch backend."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            raise ValueError(
+                f"fastmae_kernels.{op}: the triton backend supports float32, bfloat16 and float16, "
+                f"got {name} {t.dtype} (use backend='torch' for float64)"
+            )
+
+
+def row_blocks(width: int, max_cols: int = 256, elements: int = 4096) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) for a [rows, width] copy: up to `max_cols` columns per tile and about
+    `elements` per tile (16 KiB of fp32, enough in flight per program for a memory-bound copy)."""
+    block_c = min(triton.next_power_of_2(max(width, 1)), max_cols)
+    if INTERPRETED:  # the interpreter pays per program, not per element: fewer, larger tiles
+        elements *= 4
+    return max(1, elements // block_c), block_c
+
+
+def check_ids_unique(op: str, covered: torch.Tensor, expected: int | torch.Tensor, what: str) -> None:
+    """`covered` [N] counts the distinct targets hit per row; must equal `expected` (a sync-free check on GPU)."""
+    message = f"fastmae_kernels.{op} (triton backward): {what}"
+    ok = (covered == expected).all()
+    if covered.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    elif not torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+
+
+def inverse_ids(op: str, ids: torch.Tensor, length: int) -> torch.Tensor:
+    """ids [N, K] of distinct positions in [0, length) -> inv [N, length] int64: inv[n, ids[n, k]] = k, else -1.
+
+    Backward passes use it to write every gradient row exactly once (a gather, no atomics, deterministic)."""
+    n, keep = ids.shape
+    inv = torch.full((n, length), -1, dtype=torch.int64, device=ids.device)
+    inv.scatter_(1, ids, torch.arange(keep, device=ids.device).expand(n, keep))
+    check_ids_unique(op, (inv >= 0).sum(dim=1), keep, "ids must be distinct within each row (as random_masking gives)")
+    return inv
