@@ -1,0 +1,263 @@
+"""End-to-end MAE training-step benchmark: fastmae against the plain reference MAE, same init, same run.
+
+One step = forward + backward + AdamW update, bf16 autocast, synthetic images. For each model it prints
+images/s, TFLOP/s, MFU, peak memory and the fastmae/reference ratios, and writes e2e.csv / e2e.json /
+e2e.md / e2e.png (every row carries card, versions, date and git commit).
+
+    python benchmarks/e2e.py                                   # GPU: ViT-B/16, ViT-L/16, ViT-H/14
+    python benchmarks/e2e.py --device cpu --models tiny --batch 8 --steps 3   # CPU smoke run (CI)
+
+FLOPs are counted with torch.utils.flop_counter over one forward+backward (the optimizer is not counted):
+  own_gflop_per_img  what that model itself executes (fastmae embeds only visible patches: a little less);
+  ref_gflop_per_img  what the reference executes; `effective_tflops` = ref FLOPs/img x img/s, the
+                     like-for-like rate; MFU = effective_tflops / the card's bf16 matmul rate measured here.
+"""
+
+import argparse
+import gc
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/e2e.py` from anywhere
+
+from benchmarks import common, profiling  # noqa: E402
+from fastmae.models import create_model, model_config  # noqa: E402
+from fastmae.speed import make_optimizer, optimize_model  # noqa: E402
+
+MODELS = {
+    "B": ("mae_vit_base_patch16_dec512d8b", 256),
+    "L": ("mae_vit_large_patch16_dec512d8b", 128),
+    "H": ("mae_vit_huge_patch14_dec512d8b", 64),
+    "tiny": ("mae_vit_tiny_patch4_dec64d2b", 8),
+    "small": ("mae_vit_small_patch8_dec128d2b", 8),
+}
+# name -> (reference?, compile mode or None, grad checkpointing?)
+VARIANTS = {
+    "ref-eager": (True, None, False),
+    "ref-compiled": (True, "default", False),
+    "fast-eager": (False, None, False),
+    "fast-compiled": (False, "default", False),
+    "fast-cudagraphs": (False, "reduce-overhead", False),
+    "fast-compiled-ckpt": (False, "default", True),
+}
+GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
+CPU_DEFAULT = "ref-eager,fast-eager"
+COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
+           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default=None, help="comma list of " + ",".join(MODELS) + " (default B,L,H on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="batch for every model (default: per model, B256/L128/H64)")
+    p.add_argument("--variants", default=None, help=f"comma list of {','.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
+    p.add_argument("--backend", default="auto", help="fastmae_kernels backend of the fastmae side")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured bf16 matmul)")
+    p.add_argument("--profile", action="store_true", help="also write a torch.profiler breakdown per variant")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/e2e-<device>-<date>)")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.models = (args.models or ("B,L,H" if gpu else "tiny")).split(",")
+    args.variants = (args.variants or (GPU_DEFAULT if gpu else CPU_DEFAULT)).split(",")
+    for name, table in (("model", MODELS), ("variant", VARIANTS)):
+        bad = [x for x in (args.models if name == "model" else args.variants) if x not in table]
+        if bad:
+            p.error(f"unknown {name} {bad}; choose from {', '.join(table)}")
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be >= 1")
+    return args
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """The official split (no decay on biases, norms and tokens); both sides use the same groups."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build(spec: tuple, name: str, state: dict, device: torch.device, lr: float, backend: str):
+    reference, mode, ckpt = spec
+    model = create_model(name, reference=reference, **({} if reference else {"backend": backend}))
+    model.load_state_dict(state, strict=True)  # the same initial weights on every side
+    model.to(device).train()
+    if reference:  # the plain baseline: torch.compile as anyone would, foreach AdamW (torch's default)
+        if mode is not None:
+            model.compile(mode=mode)
+        optimizer = make_optimizer(param_groups(model), lr=lr, impl="torch-foreach")
+    else:
+        optimize_model(model, compile=mode is not None, mode=mode or "default", grad_checkpointing=ckpt)
+        optimizer = make_optimizer(param_groups(model), lr=lr, impl="auto")
+    return model, optimizer
+
+
+def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float):
+    autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(imgs, mask_ratio)[0]
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def count_step_flops(spec: tuple, name: str, state: dict, imgs: torch.Tensor, args) -> int:
+    """FLOPs of one eager forward+backward (no optimizer) of the model `spec` describes."""
+    model, _ = build((spec[0], None, False), name, state, imgs.device, lr=0.0, backend=args.backend)
+    mask_ratio = args.mask_ratio
+
+    def fwd_bwd():
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
+            loss = model(imgs, mask_ratio)[0]
+        loss.backward()
+
+    total, _ = common.count_flops(fwd_bwd)
+    del model
+    return total
+
+
+def free(device: torch.device) -> None:
+    torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph pools
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, out: Path) -> dict:
+    device = imgs.device
+    row = {"variant": variant, "status": "ok"}
+    try:
+        with common.PeakMemory(device) as mem:
+            model, optimizer = build(VARIANTS[variant], name, state, device, args.lr, args.backend)
+            row["adamw"] = type(optimizer).__name__ + (
+                "(fused)" if optimizer.defaults.get("fused") else "(foreach)" if optimizer.defaults.get("foreach") else ""
+            )
+            step = make_step(model, optimizer, imgs, args.mask_ratio)
+            timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
+            row["final_loss"] = float(step().detach().float())
+        row.update(
+            step_ms=timing["median_s"] * 1e3,
+            step_ms_p20=timing["p20_s"] * 1e3,
+            step_ms_p80=timing["p80_s"] * 1e3,
+            first_step_s=timing["first_call_s"],
+            img_s=imgs.shape[0] / timing["median_s"],
+            peak_mem_gib=mem.peak_bytes / 2**30,
+            peak_mem_kind=mem.kind,
+        )
+        if args.profile:
+            row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{variant}")
+        del model, optimizer, step
+    except torch.OutOfMemoryError:
+        row["status"] = "oom"
+    except Exception as exc:  # keep the other variants' numbers; the traceback goes to stderr
+        traceback.print_exc()
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    free(device)
+    return row
+
+
+def bench_model(key: str, args, peak_tflops: float, out: Path, bar) -> list[dict]:
+    name, default_batch = MODELS[key]
+    batch = args.batch or default_batch
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    state = create_model(name, reference=True).state_dict()  # one official init, shared by every variant
+    img = model_config(name).get("img_size", 224)
+    imgs = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    flops = {}
+    for side, spec in (("ref", VARIANTS["ref-eager"]), ("fast", VARIANTS["fast-eager"])):
+        try:
+            flops[side] = count_step_flops(spec, name, state, imgs, args) / batch
+        except torch.OutOfMemoryError:
+            flops[side] = None
+        free(device)
+    rows = []
+    for variant in args.variants:
+        bar.set_description(f"{key} {variant}")
+        row = {"model": key, "model_name": name, "batch": batch, **run_variant(variant, name, state, imgs, args, out)}
+        own = flops["ref" if VARIANTS[variant][0] else "fast"]
+        row["own_gflop_per_img"] = own / 1e9 if own else None
+        row["ref_gflop_per_img"] = flops["ref"] / 1e9 if flops["ref"] else None
+        if row["status"] == "ok":
+            if own:
+                row["own_tflops"] = own * row["img_s"] / 1e12
+            if flops["ref"]:
+                row["effective_tflops"] = flops["ref"] * row["img_s"] / 1e12
+                row["mfu"] = row["effective_tflops"] / peak_tflops
+        rows.append(row)
+        bar.update()
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """fastmae / reference images/s per model: eager/eager, compiled/compiled, best fastmae / compiled ref."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ok = {r["variant"]: r["img_s"] for r in rows if r["model"] == model and r["status"] == "ok"}
+        fast_best = max((v for k, v in ok.items() if k.startswith("fast")), default=None)
+        pairs = {
+            "eager": (ok.get("fast-eager"), ok.get("ref-eager")),
+            "compiled": (ok.get("fast-compiled"), ok.get("ref-compiled")),
+            "best_vs_ref_compiled": (fast_best, ok.get("ref-compiled")),
+        }
+        out.append({"model": model, **{k: (a / b if a and b else None) for k, (a, b) in pairs.items()}})
+    return out
+
+
+def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list[dict], peak: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"matmul_peak_tflops": peak, "mask_ratio": args.mask_ratio, "steps": args.steps, "warmup": args.warmup}
+    common.write_json({"environment": env, "settings": meta, "rows": rows, "ratios": ratio_rows}, out / "e2e.json")
+    common.write_csv([{k: v for k, v in r.items() if k != "profile"} for r in rows], out / "e2e.csv", env)
+    text = (
+        f"# e2e training step: {env['device']}\n\n{common.markdown_table([env], list(env))}\n"
+        f"MFU denominator: {peak:,.1f} TFLOP/s ({'given' if args.peak_tflops else 'measured bf16 matmul'}). "
+        "effective_tflops = reference FLOPs/img x img/s; own_tflops = the model's own counted FLOPs/img x img/s.\n\n"
+        + common.markdown_table(rows, COLUMNS)
+        + "\nfastmae / reference images/s:\n\n"
+        + common.markdown_table(ratio_rows, ["model", "eager", "compiled", "best_vs_ref_compiled"])
+    )
+    (out / "e2e.md").write_text(text)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    series = {
+        v: [next((r["img_s"] for r in rows if r["model"] == m and r["variant"] == v and r["status"] == "ok"), None)
+            for m in models]
+        for v in args.variants
+    }
+    title = f"MAE train step, bf16, {env['device']}, torch {env['torch']}, {env['date_utc'][:10]}, {env['git_commit'][:9]}"
+    common.bar_chart(models, series, "images/s", title, out / "e2e.png")
+    print(text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    env = common.environment(device)
+    stamp = env["date_utc"][:16].replace(":", "").replace("-", "")
+    out = Path(args.out) if args.out else common.REPO / "benchmarks" / "results" / f"e2e-{device.type}-{stamp}"
+    peak = args.peak_tflops or common.matmul_peak_tflops(device, size=8192 if device.type == "cuda" else 1024)
+    rows = []
+    with tqdm(total=len(args.models) * len(args.variants), file=sys.stderr) as bar:
+        for key in args.models:
+            rows += bench_model(key, args, peak, out, bar)
+    write_outputs(out, env, args, rows, ratios(rows), peak)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Where a training step's device time goes: torch.profiler over a few steps, kernels grouped by kind
+(matmul, attention, LayerNorm, GELU, optimizer, ...), so each optimisation starts from a measured share."""
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# First match wins; names are lower-cased kernel / op names (cuBLAS, cuDNN, flash, Triton "fused_*" names).
+CATEGORIES = [
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "addmm", "aten::mm", "cublas", "matmul")),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("gelu", ("gelu",)),
+    ("reduction", ("reduce", "sum", "mean", "var")),
+    ("masking/gather/copy", ("gather", "scatter", "index", "cat", "copy", "sort", "mask", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "triton_poi", "unrolled", "add", "mul")),
+]
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for label, keys in CATEGORIES:
+        if any(k in lowered for k in keys):
+            return label
+    return "other"
+
+
+def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_dir: Path, tag: str) -> dict:
+    """Profiles `steps` calls of `step` (already warmed up); writes <tag>.trace.json (chrome trace),
+    <tag>.top.txt (top ops) and returns {category: share of device time}."""
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out_dir / f"{tag}.trace.json"))
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    (out_dir / f"{tag}.top.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40))
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            t = event.self_device_time_total
+            if t <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+                continue  # only kernels: host-side ops would double count
+        else:
+            t = event.self_cpu_time_total
+            if not event.key.startswith("aten::") or t <= 0:
+                continue
+        totals[category(event.key)] += t
+    total = sum(totals.values()) or 1.0
+    shares = {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    (out_dir / f"{tag}.categories.json").write_text(json.dumps(shares, indent=2) + "\n")
+    return shares
