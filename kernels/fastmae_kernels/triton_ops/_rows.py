@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae_kernels.triton_ops._cast import round_to
 from fastmae_kernels.triton_ops._common import row_blocks
 
 
@@ -50,7 +51,7 @@ def _select_rows_kernel(
         pos = tl.load(pos_ptr + pos_rows[:, None] * s_pos_l + cols[None, :] * s_pos_d, mask=pos_ok, other=0.0)
         val = val + pos.to(tl.float32)
     out = out_ptr + r[:, None] * dim + cols[None, :]
-    tl.store(out, val.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(out, round_to(val, out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def select_rows(

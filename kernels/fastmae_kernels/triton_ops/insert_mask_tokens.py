@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae_kernels.triton_ops._cast import round_to
 from fastmae_kernels.triton_ops._common import check_ids_unique, check_kernel_dtype, row_blocks
 from fastmae_kernels.triton_ops._rows import select_rows
 
@@ -36,12 +37,12 @@ def _insert_backward_kernel(
         tile_ok = row_ok[:, None] & col_ok[None, :]
         g = tl.load(grad_ptr + n * s_g_n + l[:, None] * s_g_l + cols[None, :] * s_g_d, mask=tile_ok, other=0.0)
         # The reference's graph casts the output gradient to the cat dtype (promote(x_vis, token)) first.
-        g = g.to(tl.float32).to(MID_DTYPE)
+        g = round_to(g.to(tl.float32), MID_DTYPE).to(tl.float32)
         kept = (r < keep)[:, None] & tile_ok
         gx = gx_ptr + (n * keep + r)[:, None] * dim + cols[None, :]
-        tl.store(gx, g.to(gx_ptr.dtype.element_ty), mask=kept)
+        tl.store(gx, round_to(g, gx_ptr.dtype.element_ty), mask=kept)
         masked = (r >= keep)[:, None] & tile_ok
-        acc += tl.sum(tl.where(masked, g.to(tl.float32), 0.0), axis=0)
+        acc += tl.sum(tl.where(masked, g, 0.0), axis=0)
     tl.store(partial_ptr + n * dim + cols, acc, mask=col_ok)
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae_kernels.triton_ops._cast import round_to
 from fastmae_kernels.triton_ops._common import INTERPRETED, check_kernel_dtype
 from fastmae_kernels.triton_ops.gather_patches import patch_offsets
 
@@ -44,7 +45,7 @@ def _mse_rows_kernel(
         scale = tl.load(scale_ptr)  # d loss * 2 / (P * sum(mask)): a device scalar, no host sync
         d = diff * (m * scale)[:, None]
         out = out_ptr + r[:, None] * width + cols[None, :]
-        tl.store(out, d.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out, round_to(d, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     else:
         loss = tl.sum(diff * diff, axis=1) / width * m  # [BLOCK_R] masked mean per patch
         tl.store(out_ptr + r, loss, mask=row_ok)
