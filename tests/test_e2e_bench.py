@@ -1,0 +1,84 @@
+"""Smoke test of benchmarks/e2e.py on CPU with the tiny model: it runs, measures, and writes every output."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common, e2e  # noqa: E402
+
+FIELDS = ["img_s", "step_ms", "effective_tflops", "own_tflops", "mfu", "peak_mem_gib", "own_gflop_per_img",
+          "ref_gflop_per_img", "final_loss"]
+
+
+@pytest.mark.slow
+def test_e2e_cpu_tiny_writes_measured_results(tmp_path):
+    variants = "ref-eager,fast-eager,fast-compiled"  # one compile (~40 s on 2 cores) covers the compiled path
+    cmd = [sys.executable, str(REPO / "benchmarks/e2e.py"), "--device", "cpu", "--models", "tiny", "--batch", "4",
+           "--steps", "2", "--warmup", "1", "--variants", variants, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name in ("e2e.csv", "e2e.json", "e2e.md", "e2e.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    env = result["environment"]
+    assert env["device_type"] == "cpu" and env["torch"] and env["git_commit"] and env["date_utc"]
+    assert result["settings"]["matmul_peak_tflops"] > 0
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == variants.split(",")
+    for row in rows:
+        assert row["status"] == "ok", row
+        for field in FIELDS:
+            assert row[field] > 0, (row["variant"], field, row[field])
+        # img/s is what the timing says: batch / median step time
+        assert row["img_s"] == pytest.approx(4 / (row["step_ms"] / 1e3), rel=1e-9)
+    ref, fast = rows[0], rows[1]
+    # fastmae embeds only the visible 25% of patches: fewer own FLOPs, same reference FLOPs
+    assert fast["own_gflop_per_img"] < ref["own_gflop_per_img"] == ref["ref_gflop_per_img"] == fast["ref_gflop_per_img"]
+    assert "AdamW(fused)" == fast["adamw"] and "AdamW(foreach)" == ref["adamw"]
+    assert result["ratios"][0]["eager"] == pytest.approx(fast["img_s"] / ref["img_s"])
+    with open(tmp_path / "e2e.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 3 and lines[0]["device"] == env["device"] and lines[2]["git_commit"] == env["git_commit"]
+    assert "fastmae / reference" in (tmp_path / "e2e.md").read_text()
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--models", "gigantic"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--variants", "fast-turbo"])
+
+
+def test_ratios_pair_the_right_variants():
+    rows = [
+        {"model": "B", "variant": "ref-eager", "status": "ok", "img_s": 100.0},
+        {"model": "B", "variant": "ref-compiled", "status": "ok", "img_s": 150.0},
+        {"model": "B", "variant": "fast-eager", "status": "ok", "img_s": 200.0},
+        {"model": "B", "variant": "fast-compiled", "status": "ok", "img_s": 300.0},
+        {"model": "B", "variant": "fast-cudagraphs", "status": "ok", "img_s": 330.0},
+        {"model": "H", "variant": "ref-eager", "status": "oom", "img_s": None},
+        {"model": "H", "variant": "fast-eager", "status": "ok", "img_s": 50.0},
+    ]
+    b, h = e2e.ratios(rows)
+    assert (b["eager"], b["compiled"], b["best_vs_ref_compiled"]) == (2.0, 2.0, 2.2)
+    assert h["eager"] is None and h["best_vs_ref_compiled"] is None
+
+
+def test_count_flops_counts_cpu_attention():
+    """FlopCounterMode alone counts 0 for CPU SDPA; common.count_flops adds the CUDA kernels' formula."""
+    import torch
+
+    q = torch.randn(2, 3, 16, 8, requires_grad=True)
+    total, per_op = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
+    forward = 4 * 2 * 3 * 16 * 16 * 8  # QK^T and PV: 2 matmuls of 2*B*H*N*N*hd
+    assert total == forward + 2.5 * forward  # backward: 5 matmuls
+    assert set(per_op) == {"aten._scaled_dot_product_flash_attention_for_cpu",
+                           "aten._scaled_dot_product_flash_attention_for_cpu_backward"}
