@@ -6,7 +6,6 @@ from _triton_helpers import DEVICE, masking, randn, requires_triton
 
 import fastmae_kernels as fk
 from fastmae_kernels import reference, resolve_backend
-from fastmae_kernels.dispatch import unavailable_reason
 
 pytestmark = requires_triton
 

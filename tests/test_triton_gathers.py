@@ -6,7 +6,7 @@ Runs on CPU under TRITON_INTERPRET=1 (tests/conftest.py), on CUDA when present. 
 
 import pytest
 import torch
-from _triton_helpers import DEVICE, DTYPES, masking, randn, requires_triton
+from _triton_helpers import DTYPES, masking, randn, requires_triton
 
 import fastmae_kernels as fk
 from fastmae_kernels import reference

@@ -6,7 +6,7 @@ torch reference run in the same input dtype (which computes in fp32 too), plus a
 
 import pytest
 import torch
-from _triton_helpers import DEVICE, DTYPES, masking, randn, requires_triton
+from _triton_helpers import DTYPES, masking, randn, requires_triton
 
 import fastmae_kernels as fk
 from fastmae_kernels import reference
@@ -38,7 +38,8 @@ def test_masked_mse_loss_matches_fp64_reference(n, channels, height, width, patc
     pred = randn(n, length, patch * patch * channels, dtype=dtype, seed=2)
     args = dict(patch_size=patch, norm_pix=norm_pix)
 
-    got, got_grad = _loss_and_grad(lambda p, i, m: fk.masked_mse_loss(p, i, m, backend="triton", **args), pred, imgs, mask)
+    triton_loss = lambda p, i, m: fk.masked_mse_loss(p, i, m, backend="triton", **args)  # noqa: E731
+    got, got_grad = _loss_and_grad(triton_loss, pred, imgs, mask)
     same, same_grad = _loss_and_grad(lambda p, i, m: reference.masked_mse_loss(p, i, m, **args), pred, imgs, mask)
     exact, exact_grad = _loss_and_grad(
         lambda p, i, m: reference.masked_mse_loss(p, i, m, **args), pred.double(), imgs.double(), mask.double()

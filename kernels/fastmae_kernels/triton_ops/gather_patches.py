@@ -87,7 +87,9 @@ def _launch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) 
     return out
 
 
-def _launch_scatter(grad: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, channels: int, height: int, width: int):
+def _launch_scatter(
+    grad: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, channels: int, height: int, width: int
+) -> torch.Tensor:
     n, _, cols = grad.shape
     p = patch_size
     grid_w, length = width // p, (height // p) * (width // p)

@@ -25,7 +25,9 @@ def _(x, ids_keep, pos_embed):
 
 
 @torch.library.custom_op("fastmae_triton::gather_tokens_backward", mutates_args=())
-def gather_tokens_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+def gather_tokens_backward_op(
+    grad: torch.Tensor, ids_keep: torch.Tensor, length: int, dtype: torch.dtype
+) -> torch.Tensor:
     """grad [N, K, D] -> [N, L, D] in `dtype`: each kept row's gradient, zeros on the others."""
     inv = inverse_ids("gather_tokens", ids_keep, length)  # [N, L], -1 where not kept
     return select_rows(grad, inv, dtype)

@@ -46,7 +46,9 @@ def _insert_backward_kernel(
     tl.store(partial_ptr + n * dim + cols, acc, mask=col_ok)
 
 
-def _insert_backward(grad: torch.Tensor, ids_restore: torch.Tensor, keep: int, x_dtype: torch.dtype, mid_dtype: torch.dtype):
+def _insert_backward(
+    grad: torch.Tensor, ids_restore: torch.Tensor, keep: int, x_dtype: torch.dtype, mid_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, length, dim = grad.shape
     grad_x = torch.empty((n, keep, dim), dtype=x_dtype, device=grad.device)  # [N, K, D]
     partial = torch.empty((n, dim), dtype=torch.float32, device=grad.device)  # [N, D] per-sample token grads
@@ -54,7 +56,8 @@ def _insert_backward(grad: torch.Tensor, ids_restore: torch.Tensor, keep: int, x
         return grad_x, partial.zero_()
     # A permutation writes every d(x_vis) row once; anything else would leave rows unwritten.
     hit = torch.zeros((n, length), dtype=torch.bool, device=grad.device).scatter_(1, ids_restore, True)
-    check_ids_unique("insert_mask_tokens", hit.sum(dim=1), length, "ids_restore must be a permutation of [0, L) per row")
+    what = "ids_restore must be a permutation of [0, L) per row"
+    check_ids_unique("insert_mask_tokens", hit.sum(dim=1), length, what)
     block_r, block_d = row_blocks(dim, max_cols=128)
     grid = (n, triton.cdiv(dim, block_d))
     _insert_backward_kernel[grid](

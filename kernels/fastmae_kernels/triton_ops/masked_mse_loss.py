@@ -32,8 +32,8 @@ def _mse_rows_kernel(
     patch = r % length
     m = tl.load(mask_ptr + n * s_m_n + patch * s_m_l, mask=row_ok, other=0).to(tl.float32)  # [BLOCK_R]
     active = (row_ok & (m != 0))[:, None] & col_ok[None, :]  # visible rows are not read at all
-    t = tl.load(img_ptr + patch_offsets(n, patch, cols, grid_w, p, channels, s_n, s_c, s_h, s_w), mask=active, other=0.0)
-    t = t.to(tl.float32)  # [BLOCK_R, BLOCK_E]
+    img = img_ptr + patch_offsets(n, patch, cols, grid_w, p, channels, s_n, s_c, s_h, s_w)
+    t = tl.load(img, mask=active, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_E]
     if NORM_PIX:
         mean = tl.sum(t, axis=1) / width  # [BLOCK_R]
         centred = tl.where(active, t - mean[:, None], 0.0)
@@ -119,7 +119,12 @@ masked_mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def masked_mse_loss(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     check_kernel_dtype("masked_mse_loss", pred=pred, imgs=imgs)
     return masked_mse_loss_op(pred, imgs, mask, patch_size, bool(norm_pix), float(eps))

@@ -43,7 +43,9 @@ def random_masking_op(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Ten
         block_l = min(triton.next_power_of_2(length), 256)
         block_n = max(1, (8192 if INTERPRETED else 1024) // block_l)
         grid = (triton.cdiv(n, block_n), triton.cdiv(length, block_l))
-        _invert_kernel[grid](ids_shuffle, ids_keep, ids_restore, mask, n, length, keep, BLOCK_N=block_n, BLOCK_L=block_l)
+        _invert_kernel[grid](
+            ids_shuffle, ids_keep, ids_restore, mask, n, length, keep, BLOCK_N=block_n, BLOCK_L=block_l
+        )
     return ids_keep, ids_restore, mask
 
 
