@@ -143,7 +143,7 @@ def _list_filelist(list_path: str) -> FileSource:
             if not line or line.startswith("#"):
                 continue
             if _is_image_name(line):
-                paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+                paths.append(os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line)))
             else:
                 ignored += 1
     if not paths:
