@@ -1,0 +1,272 @@
+"""The pretraining loop: data -> DeepSpeed engine, with the schedule, logging, checkpoints, preemption
+and the NaN guard. `run(cfg, dist)` returns the process exit code."""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastmae.data.loader import DataConfig, build_pretrain_loader
+from fastmae.train import checkpoint as ckpt
+from fastmae.train import distributed as D
+from fastmae.train import rng
+from fastmae.train.config import TrainConfig
+from fastmae.train.engine import build_engine, input_dtype
+from fastmae.train.logging import StepTimer, TrainLogger
+from fastmae.train.nan_guard import NanGuard
+from fastmae.train.schedule import lr_at, set_lr
+from fastmae.train.signals import PreemptionFlag
+
+EXIT_OK, EXIT_TOO_MANY_BAD_STEPS, EXIT_CHECKPOINT_FAILED = 0, 3, 4
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken (skipped NaN steps included: they consumed their data)
+    last_saved: str | None = None
+    last_saved_step: int = -1
+
+
+def _trainer_state(progress: Progress, loader, guard: NanGuard, world_size: int) -> dict:
+    return {
+        "step": progress.step, "loader": loader.state_dict(), "rng": rng.capture(),
+        "skipped_steps": guard.skipped_steps, "world_size": world_size,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist: D.DistInfo, preempt: PreemptionFlag):
+        self.cfg, self.dist, self.preempt = cfg, dist, preempt
+        self.device = dist.device
+        rng.seed_all(cfg.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+        self.loader = build_pretrain_loader(DataConfig(
+            data_path=cfg.data_path, input_size=cfg.input_size, batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers, seed=cfg.seed, loader=cfg.loader, rank=dist.rank,
+            world_size=dist.world_size, device=str(self.device), default_num_images=cfg.default_num_images,
+            default_image_size=cfg.default_image_size,
+        ))
+        self.engine, self.optimizer, self.gate = build_engine(cfg, self.device)
+        rng.seed_all(cfg.seed + dist.rank)  # per-rank streams for anything else random, as official
+        self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps)
+        self.num_patches = self.engine.module.patch_embed.num_patches
+        self.dtype = input_dtype(cfg)
+        self.progress = Progress()
+        spe = self.loader.steps_per_epoch
+        self.total_steps = cfg.epochs * spe // cfg.accum_iter
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.sample_imgs: torch.Tensor | None = None
+
+    # -- start / resume -----------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Loads the --resume checkpoint if any; returns the epoch to start in."""
+        cfg, root = self.cfg, ckpt.root_dir(self.cfg.output_dir)
+        if self.dist.is_main:
+            ckpt.clean_partial(root)
+        D.barrier()
+        path = ckpt.find_resume(cfg.resume, cfg.output_dir)
+        if path is None:
+            return 0
+        state = ckpt.load(self.engine, path, self.dist.rank)
+        self.progress = Progress(step=state["step"], last_saved=path, last_saved_step=state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.guard.skipped_steps = state["skipped_steps"]
+        if state["world_size"] == self.dist.world_size:
+            rng.restore(state["rng"])
+        if self.dist.is_main:
+            print(f"fastmae: resumed from {path} at step {state['step']}", flush=True)
+        return int(state["loader"]["epoch"])
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        start_epoch = self.restore()
+        self.log = TrainLogger(cfg, enabled=self.dist.is_main, total_steps=self.total_steps,
+                               start_step=self.progress.step)
+        if self.dist.is_main:
+            self.log.message(self.describe())
+        try:
+            code = self._epochs(start_epoch)
+            if code is None:
+                code = self._finish()
+            return code
+        finally:
+            self.log.close()
+
+    def describe(self) -> str:
+        c, e = self.cfg, self.engine
+        return (
+            f"fastmae: {c.model} @ {c.input_size}px on {self.dist.world_size} x {self.device.type}, data "
+            f"{self.loader.name} ({self.loader.num_images} images, {self.loader.steps_per_epoch} batches/epoch/rank), "
+            f"batch {c.batch_size}/rank x accum {c.accum_iter} = {c.eff_batch_size}, lr {c.lr:.3g} (blr {c.blr:.3g}), "
+            f"ZeRO {e.zero_optimization_stage()}, {c.precision}, {self.total_steps} steps, output {c.output_dir}"
+        )
+
+    def _epochs(self, start_epoch: int) -> int | None:
+        cfg, spe = self.cfg, self.loader.steps_per_epoch
+        timer = StepTimer()
+        step_loss = torch.zeros((), device=self.device)
+        interval_loss = torch.zeros((), device=self.device)
+        micro = 0
+        lr = 0.0
+        for epoch in range(start_epoch, cfg.epochs):
+            self.loader.set_epoch(epoch)
+            epoch_loss, epoch_batches = torch.zeros((), device=self.device, dtype=torch.float64), 0
+            it = iter(self.loader)
+            while True:
+                t = time.perf_counter()
+                imgs = next(it, None)  # [B, 3, S, S]
+                timer.data_wait += time.perf_counter() - t
+                if imgs is None:
+                    break
+                batch_pos = self.loader.batch - 1  # the loader counts the batch in hand as consumed
+                if micro == 0:
+                    lr = lr_at(epoch + batch_pos / spe, lr=cfg.lr, min_lr=cfg.min_lr,
+                               warmup_epochs=cfg.warmup_epochs, epochs=cfg.epochs)
+                    set_lr(self.optimizer, lr)
+                if self.dist.is_main and self.sample_imgs is None:
+                    self.sample_imgs = imgs[:8].detach().float().cpu()
+                loss = self._forward_backward(imgs, epoch, batch_pos)
+                step_loss += loss.detach().float() / cfg.accum_iter
+                epoch_loss += loss.detach().double()
+                epoch_batches += 1
+                micro += 1
+                if micro < cfg.accum_iter:
+                    self.engine.step()  # DeepSpeed counts micro-steps; no optimizer step here
+                    continue
+                micro = 0
+                code = self._optimizer_step(lr, epoch, step_loss, interval_loss, timer)
+                step_loss.zero_()
+                if code is not None:
+                    return code
+                if self.progress.step >= self.total_steps:
+                    self._log_epoch(epoch, epoch_loss, epoch_batches, lr)
+                    return None
+            self._log_epoch(epoch, epoch_loss, epoch_batches, lr)
+        return None
+
+    def _forward_backward(self, imgs: torch.Tensor, epoch: int, batch_pos: int) -> torch.Tensor:
+        cfg = self.cfg
+        noise = rng.masking_noise(cfg.seed, epoch, batch_pos, self.dist.rank, self.dist.world_size,
+                                  imgs.shape[0], self.num_patches, self.device)  # [B, L]
+        loss, _, _ = self.engine(imgs.to(self.dtype), mask_ratio=cfg.mask_ratio, noise=noise)
+        if self.progress.step + 1 in cfg.fault_nan_steps:  # reliability test: a poisoned batch
+            loss = loss * float("nan")
+        self.guard.note_loss(loss)
+        self.engine.backward(loss)
+        return loss
+
+    def _optimizer_step(self, lr, epoch, step_loss, interval_loss, timer) -> int | None:
+        cfg, prog = self.cfg, self.progress
+        bad, preempted = D.all_reduce_max([self.guard.local_bad().item(), float(self.preempt.raised)], self.device)
+        bad = bool(bad)
+        self.gate.veto = bad  # skip: parameters and AdamW state stay as they were
+        self.engine.step()
+        self.gate.veto = False
+        self.guard.reset()
+        self.guard.record(bad)
+        prog.step += 1
+        interval_loss += step_loss if not bad else 0.0
+        timer.images += cfg.batch_size * cfg.accum_iter
+        timer.steps += 1
+        if cfg.fault_step_sleep:
+            time.sleep(cfg.fault_step_sleep)
+        if prog.step % cfg.log_every == 0 or prog.step >= self.total_steps or preempted:
+            self._log_step(lr, epoch, step_loss, interval_loss, timer, bad)
+        self.log.advance()
+        if bad and self.guard.should_stop:
+            where = prog.last_saved or "none (no checkpoint was written yet)"
+            self._say(f"fastmae: stopping after {self.guard.consecutive_bad} consecutive steps with NaN/Inf loss or "
+                      f"gradients (step {prog.step}); last good checkpoint: {where}")
+            return EXIT_TOO_MANY_BAD_STEPS
+        due = prog.step % cfg.save_every_steps == 0 or prog.step >= self.total_steps
+        if preempted or (due and not bad):
+            code = self._save()
+            if code is not None:
+                return code
+        if preempted:
+            self._say(f"fastmae: preempted (signal); checkpoint {prog.last_saved} written at step {prog.step}; exiting")
+            return EXIT_OK
+        return None
+
+    def _log_step(self, lr, epoch, step_loss, interval_loss, timer, bad) -> None:
+        vals = D.all_reduce_mean(torch.stack([step_loss.float(), interval_loss.float()]))
+        loss, interval = vals.tolist()
+        elapsed = timer.elapsed()
+        per_device = timer.images / elapsed
+        record = {
+            "step": self.progress.step, "epoch": epoch + self.loader.batch / self.loader.steps_per_epoch,
+            "loss": loss, "loss_avg": interval / max(timer.steps - 0, 1), "lr": lr,
+            "img_per_s_per_device": per_device, "img_per_s": per_device * self.dist.world_size,
+            "data_wait": timer.data_wait / elapsed, "skipped_steps": self.guard.skipped_steps, "bad_step": bad,
+        }
+        self.log.step(record)
+        interval_loss.zero_()
+        timer.reset()
+
+    def _log_epoch(self, epoch, epoch_loss, batches, lr) -> None:
+        if batches == 0:
+            return
+        mean = D.all_reduce_mean(epoch_loss / batches).item()
+        self.log.epoch({"train_loss": mean, "train_lr": lr, "epoch": epoch, "step": self.progress.step,
+                        "skipped_steps": self.guard.skipped_steps})
+
+    def _save(self) -> int | None:
+        prog = self.progress
+        if prog.last_saved_step == prog.step:
+            return None
+        try:
+            path = ckpt.save(
+                self.engine, self.cfg.output_dir, prog.step,
+                _trainer_state(prog, self.loader, self.guard, self.dist.world_size), self.dist.rank,
+                keep_last=self.cfg.keep_last, fault_disk_full=prog.step == self.cfg.fault_disk_full_step,
+            )
+        except ckpt.CheckpointError as e:
+            keep = prog.last_saved or "none"
+            self._say(f"fastmae: error: {e}; previous checkpoint intact: {keep}")
+            return EXIT_CHECKPOINT_FAILED
+        prog.last_saved, prog.last_saved_step = path, prog.step
+        return None
+
+    def _finish(self) -> int:
+        code = self._save()
+        if code is not None:
+            return code
+        self._reconstruction_png()
+        if self.dist.is_main:
+            self.log.message(f"fastmae: done at step {self.progress.step}; checkpoint {self.progress.last_saved}")
+        return EXIT_OK
+
+    def _reconstruction_png(self) -> None:
+        from fastmae.reconstruction import save_reconstruction_grid
+
+        module = self.engine.module
+        gather = None
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(module.parameters()))
+            gather.__enter__()
+        try:
+            if self.dist.is_main and self.sample_imgs is not None:
+                path = os.path.join(self.cfg.output_dir, "reconstruction.png")
+                save_reconstruction_grid(module, self.sample_imgs, path, self.cfg.mask_ratio, seed=self.cfg.seed)
+                self.log.message(f"fastmae: reconstructions in {path}")
+        finally:
+            if gather is not None:
+                gather.__exit__(None, None, None)
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main:
+            self.log.message(text)
+
+
+def run(cfg: TrainConfig, dist: D.DistInfo, preempt: PreemptionFlag) -> int:
+    trainer = Trainer(cfg, dist, preempt)
+    return trainer.run()
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
