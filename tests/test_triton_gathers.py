@@ -27,7 +27,7 @@ def _run(fn, inputs, grad_out):
 
 
 @pytest.mark.parametrize("n, length, ratio", [(3, 49, 0.75), (2, 196, 0.75), (5, 35, 0.6), (1, 7, 0.5)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_random_masking_equals_reference(n, length, ratio, dtype):
     noise = randn(n, length, dtype=dtype, seed=length)
     got = fk.random_masking(noise, ratio, backend="triton")

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from fastmae_kernels.reference import num_kept
+from fastmae_kernels.triton_ops._cast import round_to
 from fastmae_kernels.triton_ops._common import INTERPRETED
 
 
@@ -26,7 +27,8 @@ def _invert_kernel(
     src = tl.load(shuffle_ptr + row + rank[None, :], mask=ok, other=0)  # [BLOCK_N, BLOCK_L] patch ids
     tl.store(restore_ptr + row + src, rank[None, :].to(tl.int64) + tl.zeros_like(src), mask=ok)
     removed = (rank >= keep)[None, :] & ok
-    tl.store(mask_ptr + row + src, removed.to(mask_ptr.dtype.element_ty), mask=ok)
+    removed = tl.where(removed, 1.0, 0.0)  # via fp32: the interpreter casts int1 -> bf16 wrongly
+    tl.store(mask_ptr + row + src, round_to(removed, mask_ptr.dtype.element_ty), mask=ok)
     is_kept = (rank < keep)[None, :] & ok
     tl.store(keep_ptr + n[:, None] * keep + rank[None, :], src, mask=is_kept)
 
