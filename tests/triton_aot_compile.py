@@ -1,0 +1,96 @@
+"""Compiles every Triton kernel variant the launchers use for an NVIDIA target, without a GPU.
+
+The interpreter (the CPU tests) does not type-check like the compiler does; this catches kernels that
+would fail to compile on the card. Run in a process WITHOUT TRITON_INTERPRET (the kernels must be JIT
+functions): `python tests/triton_aot_compile.py [sm]`. Prints one line per variant: registers, spills.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
+
+from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.gather_patches import _gather_patches_kernel, _scatter_patches_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.insert_mask_tokens import _insert_backward_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.masked_mse_loss import _mse_rows_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.random_masking import _invert_kernel  # noqa: E402
+
+
+def compile_variant(fn, pointers: dict, consts: dict, target: GPUTarget, floats=(), num_warps: int = 4):
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{pointers[name]}"
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    options = {"num_warps": num_warps}
+    return triton.compile(ASTSource(fn, signature, consts), target=target, options=options)
+
+
+def variants():
+    rows = dict(idx_ptr="i64")
+    for src, out, fill, pos, flags in [
+        ("bf16", "fp32", "bf16", "fp32", dict(HAS_FILL=False, HAS_POS=True, POS_AT_SRC=True)),  # gather_tokens
+        ("bf16", "fp32", "fp32", "fp32", dict(HAS_FILL=True, HAS_POS=True, POS_AT_SRC=False)),  # insert, autocast
+        ("bf16", "bf16", "bf16", "bf16", dict(HAS_FILL=True, HAS_POS=False, POS_AT_SRC=False)),  # insert, bf16
+        ("fp16", "fp16", "fp16", "fp16", dict(HAS_FILL=False, HAS_POS=False, POS_AT_SRC=False)),  # backward
+        ("fp32", "bf16", "fp32", "fp32", dict(HAS_FILL=False, HAS_POS=False, POS_AT_SRC=False)),  # backward, cast
+    ]:
+        ptrs = dict(rows, src_ptr=src, out_ptr=out, fill_ptr=fill, pos_ptr=pos)
+        yield f"select_rows {src}->{out} {flags}", _select_rows_kernel, ptrs, dict(flags, BLOCK_R=16, BLOCK_D=256), ()
+    for grad, gx, mid in [("fp32", "bf16", tl.float32), ("fp32", "bf16", tl.bfloat16), ("fp16", "fp16", tl.float16)]:
+        ptrs = dict(grad_ptr=grad, ids_ptr="i64", gx_ptr=gx, partial_ptr="fp32")
+        consts = dict(MID_DTYPE=mid, BLOCK_R=32, BLOCK_D=128)
+        yield f"insert_backward {grad}->{gx} mid {mid}", _insert_backward_kernel, ptrs, consts, ()
+    for dtype in ("fp32", "bf16"):
+        ptrs = dict(img_ptr=dtype, idx_ptr="i64", out_ptr=dtype)
+        yield f"gather_patches {dtype}", _gather_patches_kernel, ptrs, dict(BLOCK_R=4, BLOCK_E=1024), ()
+        ptrs = dict(grad_ptr=dtype, inv_ptr="i64", out_ptr=dtype)
+        yield f"scatter_patches {dtype}", _scatter_patches_kernel, ptrs, dict(BLOCK_R=4, BLOCK_E=1024), ()
+    for pred, backward, norm in [("bf16", False, True), ("bf16", True, True), ("fp32", False, False), ("fp16", True, False)]:
+        out = pred if backward else "fp32"
+        ptrs = dict(pred_ptr=pred, img_ptr="fp32", mask_ptr="fp32", out_ptr=out, scale_ptr="fp32")
+        consts = dict(NORM_PIX=norm, BACKWARD=backward, BLOCK_R=4, BLOCK_E=1024)
+        yield f"mse_rows pred {pred} backward={backward} norm={norm}", _mse_rows_kernel, ptrs, consts, ("eps",)
+    for mask in ("fp32", "bf16", "fp64"):
+        ptrs = dict(shuffle_ptr="i64", keep_ptr="i64", restore_ptr="i64", mask_ptr=mask)
+        yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """Registers and spill bytes as ptxas reports them (Triton's bundled ptxas; no GPU needed)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        cmd = [str(ptxas), f"-arch={arch_name}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")]
+        info = subprocess.run(cmd, capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
+
+
+def main(arch: int = 90) -> None:
+    target = GPUTarget("cuda", arch, 32)
+    for name, fn, ptrs, consts, floats in variants():
+        kernel = compile_variant(fn, ptrs, consts, target, floats)
+        assert kernel.asm.get("cubin"), name
+        print(f"sm_{arch} ok  {name}: {ptxas_usage(kernel.asm['ptx'], arch)}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
