@@ -14,9 +14,9 @@ import resource
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils import flop_counter
@@ -33,10 +33,11 @@ def _version(distribution: str) -> str | None:
 
 
 def git_commit() -> str:
-    """The HEAD commit, with "+dirty" when tracked files differ from it; "unknown" outside a git checkout."""
+    """The HEAD commit, "+dirty" when tracked code differs from it; "unknown" outside a git checkout."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True).returncode
+        code = ["fastmae", "kernels", "benchmarks"]  # the code a benchmark runs; other folders do not count
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code], cwd=REPO, capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -131,13 +132,39 @@ _CPU_ATTENTION = {
 }
 
 
-def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
+class FlopCount(NamedTuple):
+    total: int
+    per_op: dict[str, int]  # aten op -> FLOPs
+    per_module: dict[str, int]  # module path ("Model.blocks.0.attn") -> FLOPs inside it
+
+
+def count_flops(fn: Callable[[], Any]) -> FlopCount:
     """FLOPs torch.utils.flop_counter counts while `fn` runs (matmuls, convolutions, attention; elementwise
-    ops count 0, as in every MFU convention): (total, per aten op)."""
+    ops count 0, as in every MFU convention)."""
     with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         fn()
-    per_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return int(counter.get_total_flops()), per_op
+    counts = counter.get_flop_counts()
+    per_op = {str(op): int(n) for op, n in counts.get("Global", {}).items()}
+    per_module = {name: int(sum(ops.values())) for name, ops in counts.items() if name != "Global"}
+    return FlopCount(int(counter.get_total_flops()), per_op, per_module)
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn` runs a forward: the activation
+    memory a training step holds at its peak (before backward frees it), on any device. `exclude`
+    (the parameters) is not counted: weights are there anyway. Autocast's bf16 weight copies are counted."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def matmul_peak_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, size: int = 8192) -> float:
@@ -191,7 +218,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:,.4g}" if abs(value) < 100 else f"{value:,.1f}"
     return str(value)
 
 

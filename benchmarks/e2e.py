@@ -15,6 +15,7 @@ FLOPs are counted with torch.utils.flop_counter over one forward+backward (the o
 
 import argparse
 import gc
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured bf16 matmul)")
+    p.add_argument("--count-only", action="store_true",
+                   help="no timing: count FLOPs per image and saved activation bytes (any device, e.g. CPU)")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler breakdown per variant")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/e2e-<device>-<date>)")
     args = p.parse_args(argv)
@@ -116,19 +119,37 @@ def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float):
     return step
 
 
-def count_step_flops(spec: tuple, name: str, state: dict, imgs: torch.Tensor, args) -> int:
-    """FLOPs of one eager forward+backward (no optimizer) of the model `spec` describes."""
+def count_step(spec: tuple, name: str, state: dict, imgs: torch.Tensor, args) -> tuple[common.FlopCount, dict]:
+    """One eager forward+backward (no optimizer) of the model `spec` describes: counted FLOPs; in --count-only
+    mode also the activation bytes saved for backward at batch N and 2N, split into per image and fixed."""
     model, _ = build((spec[0], None, False), name, state, imgs.device, lr=0.0, backend=args.backend)
-    mask_ratio = args.mask_ratio
 
-    def fwd_bwd():
-        with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
-            loss = model(imgs, mask_ratio)[0]
-        loss.backward()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return model(x, args.mask_ratio)[0]
 
-    total, _ = common.count_flops(fwd_bwd)
+    count = common.count_flops(lambda: forward(imgs).backward())
+    saved = {}
+    if args.count_only:
+        one = common.saved_tensor_bytes(lambda: forward(imgs), exclude=model.parameters())
+        two = common.saved_tensor_bytes(lambda: forward(torch.cat([imgs, imgs])), exclude=model.parameters())
+        per_img = (two - one) / imgs.shape[0]
+        saved = {"saved_act_mib_per_img": per_img / 2**20, "saved_fixed_mib": (one - per_img * imgs.shape[0]) / 2**20}
     del model
-    return total
+    return count, saved
+
+
+def flop_breakdown(count: common.FlopCount, batch: int) -> dict:
+    """GFLOP per image, forward+backward: encoder blocks, decoder blocks, the attention core (QK^T, PV inside
+    SDPA, also part of the blocks), and the rest (patch embedding, decoder embed/pred)."""
+    def modules(pattern: str) -> int:
+        return sum(v for k, v in count.per_module.items() if re.fullmatch(pattern, k))
+
+    enc, dec = modules(r"[^.]+\.blocks\.\d+"), modules(r"[^.]+\.decoder_blocks\.\d+")
+    attn = sum(v for k, v in count.per_op.items() if "attention" in k)
+    parts = {"total": count.total, "encoder_blocks": enc, "decoder_blocks": dec, "attention_core": attn,
+             "rest": count.total - enc - dec}
+    return {f"{k}_gflop_per_img": v / batch / 1e9 for k, v in parts.items()}
 
 
 def free(device: torch.device) -> None:
@@ -179,13 +200,18 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar) -> list[dict
     state = create_model(name, reference=True).state_dict()  # one official init, shared by every variant
     img = model_config(name).get("img_size", 224)
     imgs = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    flops = {}
+    flops, breakdown = {}, []
     for side, spec in (("ref", VARIANTS["ref-eager"]), ("fast", VARIANTS["fast-eager"])):
         try:
-            flops[side] = count_step_flops(spec, name, state, imgs, args) / batch
+            count, saved = count_step(spec, name, state, imgs, args)
+            flops[side] = count.total / batch
+            row = {"model": key, "side": "reference" if side == "ref" else "fastmae", "batch": batch}
+            breakdown.append({**row, **flop_breakdown(count, batch), **saved})
         except torch.OutOfMemoryError:
             flops[side] = None
         free(device)
+    if args.count_only:
+        return breakdown
     rows = []
     for variant in args.variants:
         bar.set_description(f"{key} {variant}")
@@ -244,12 +270,29 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
     print(text)
 
 
+def write_counts(out: Path, env: dict, rows: list[dict]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_json({"environment": env, "rows": rows}, out / "counts.json")
+    common.write_csv(rows, out / "counts.csv", env)
+    text = (
+        "# Counted per training step (bf16 autocast, eager): FLOPs of forward+backward "
+        "(torch.utils.flop_counter, GFLOP per image) and the activations autograd saves for backward "
+        "(MiB per image, and a fixed part: autocast's bf16 weight copies; fp32 weights themselves excluded)\n\n"
+        f"{common.markdown_table([env], list(env))}\n" + common.markdown_table(rows, list(rows[0]))
+    )
+    (out / "counts.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     env = common.environment(device)
     stamp = env["date_utc"][:16].replace(":", "").replace("-", "")
     out = Path(args.out) if args.out else common.REPO / "benchmarks" / "results" / f"e2e-{device.type}-{stamp}"
+    if args.count_only:
+        return write_counts(out, env, [r for key in tqdm(args.models) for r in bench_model(key, args, 0.0, out, None)])
     peak = args.peak_tflops or common.matmul_peak_tflops(device, size=8192 if device.type == "cuda" else 1024)
     rows = []
     with tqdm(total=len(args.models) * len(args.variants), file=sys.stderr) as bar:
