@@ -23,6 +23,7 @@ import time
 import torch
 
 from fastmae.train import distributed as D
+from fastmae.train.nan_guard import params_finite_local
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 COMPLETE = "COMPLETE"
@@ -127,6 +128,8 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, rank: int, *, 
     root = root_dir(output_dir)
     tag = tag_for(step)
     tmp, final = os.path.join(root, f".tmp-{tag}"), os.path.join(root, tag)
+    if D.all_reduce_max([0.0 if params_finite_local(engine.module) else 1.0], engine.device)[0]:
+        raise CheckpointError(f"refusing to write checkpoint {tag}: the parameters are not finite")
     problem = None
     if rank == 0:
         try:

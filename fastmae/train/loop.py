@@ -181,8 +181,8 @@ class Trainer:
             self._say(f"fastmae: stopping after {self.guard.consecutive_bad} consecutive steps with NaN/Inf loss or "
                       f"gradients (step {prog.step}); last good checkpoint: {where}")
             return EXIT_TOO_MANY_BAD_STEPS
-        due = prog.step % cfg.save_every_steps == 0 or prog.step >= self.total_steps
-        if preempted or (due and not bad):
+        # A skipped step left the last good state in place, so saving now is safe (and save() re-checks).
+        if preempted or prog.step % cfg.save_every_steps == 0 or prog.step >= self.total_steps:
             code = self._save()
             if code is not None:
                 return code
@@ -198,7 +198,7 @@ class Trainer:
         per_device = timer.images / elapsed
         record = {
             "step": self.progress.step, "epoch": epoch + self.loader.batch / self.loader.steps_per_epoch,
-            "loss": loss, "loss_avg": interval / max(timer.steps - 0, 1), "lr": lr,
+            "loss": loss, "loss_avg": interval / max(timer.steps, 1), "lr": lr,
             "img_per_s_per_device": per_device, "img_per_s": per_device * self.dist.world_size,
             "data_wait": timer.data_wait / elapsed, "skipped_steps": self.guard.skipped_steps, "bad_step": bad,
         }

@@ -46,3 +46,16 @@ class NanGuard:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def params_finite_local(module: nn.Module) -> bool:
+    """Whether this rank's parameters (its ZeRO-3 partition when partitioned) are all finite; checked
+    before every checkpoint so a non-finite state can never be written."""
+    total = None
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps the local partition here; p.data is empty
+        t = p.data if t is None else t
+        if t.numel():
+            s = t.detach().float().sum()
+            total = s if total is None else total + s
+    return total is None or bool(torch.isfinite(total))
