@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.gather_patches import _gather_patches_kernel, _scatter_patches_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.insert_mask_tokens import _insert_backward_kernel  # noqa: E402
-from fastmae_kernels.triton_ops.masked_mse_loss import _mse_rows_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.masked_mse_loss import _finish_kernel, _mse_rows_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.random_masking import _invert_kernel  # noqa: E402
 
 
@@ -62,9 +62,12 @@ def variants():
         yield f"scatter_patches {dtype}", _scatter_patches_kernel, ptrs, dict(BLOCK_R=4, BLOCK_E=1024), ()
     for pred, backward, norm in [("bf16", False, True), ("bf16", True, True), ("fp32", False, False), ("fp16", True, False)]:
         out = pred if backward else "fp32"
-        ptrs = dict(pred_ptr=pred, img_ptr="fp32", mask_ptr="fp32", out_ptr=out, scale_ptr="fp32")
+        ptrs = dict(pred_ptr=pred, img_ptr="fp32", mask_ptr="fp32", out_ptr=out)
+        ptrs.update(mask_sum_ptr="fp32", grad_ptr="fp32")
         consts = dict(NORM_PIX=norm, BACKWARD=backward, BLOCK_R=4, BLOCK_E=1024)
         yield f"mse_rows pred {pred} backward={backward} norm={norm}", _mse_rows_kernel, ptrs, consts, ("eps",)
+    ptrs = dict(partial_ptr="fp32", loss_ptr="fp32", mask_sum_ptr="fp32")
+    yield "mse finish", _finish_kernel, ptrs, dict(BLOCK=1024), ()
     for mask in ("fp32", "bf16", "fp64"):
         ptrs = dict(shuffle_ptr="i64", keep_ptr="i64", restore_ptr="i64", mask_ptr=mask)
         yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
