@@ -21,10 +21,11 @@ def textured_image(seed: int, index: int, height: int, width: int) -> np.ndarray
     base, _ = draw_image(seed, index, side)
     img = base[:height, :width].astype(np.float32)
     rng = np.random.default_rng([seed, index, 7])
-    for cell in (32, 8, 2):  # blotches, texture, grain
-        small = rng.normal(0, 1, size=(height // cell + 2, width // cell + 2, 3)).astype(np.float32)
-        noise = np.asarray(Image.fromarray(small[..., 0]).resize((width, height), Image.BILINEAR))[..., None]
-        img += noise * (12.0 if cell > 2 else 6.0)
+    for cell, amplitude in ((32, 12.0), (8, 12.0), (2, 6.0)):  # blotches, texture, fine texture
+        small = rng.normal(0, 1, size=(height // cell + 2, width // cell + 2)).astype(np.float32)
+        noise = np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))[..., None]
+        img += noise * amplitude
+    img += rng.normal(0, 7.0, size=img.shape).astype(np.float32)  # per-pixel colour grain, like sensor noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
