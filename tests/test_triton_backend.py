@@ -48,6 +48,14 @@ def test_out_of_range_and_repeated_ids():
         assert torch.equal(out, reference.gather_tokens(x, repeated))  # forward: any ids are fine
         with pytest.raises(ValueError, match="distinct"):
             out.sum().backward()  # backward writes each row once: needs distinct ids
+        _, ids_restore, _ = masking(2, 49)
+        not_perm = ids_restore.clone()
+        not_perm[1, 5] = not_perm[1, 6]
+        x_vis = randn(2, 12, 24).requires_grad_(True)
+        full = fk.insert_mask_tokens(x_vis, randn(1, 1, 24), not_perm, backend="triton")
+        assert torch.equal(full, reference.insert_mask_tokens(x_vis, randn(1, 1, 24), not_perm))
+        with pytest.raises(ValueError, match="permutation"):
+            full.sum().backward()
 
 
 def test_torch_compile_traces_all_ops_without_graph_breaks():

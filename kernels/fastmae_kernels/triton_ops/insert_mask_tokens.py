@@ -55,9 +55,9 @@ def _insert_backward(
     if n * length == 0 or dim == 0:
         return grad_x, partial.zero_()
     # A permutation writes every d(x_vis) row once; anything else would leave rows unwritten.
+    # L ids hit all L slots of their row exactly when they are a permutation.
     hit = torch.zeros((n, length), dtype=torch.bool, device=grad.device).scatter_(1, ids_restore, True)
-    what = "ids_restore must be a permutation of [0, L) per row"
-    check_ids_unique("insert_mask_tokens", hit.sum(dim=1), length, what)
+    check_ids_unique("insert_mask_tokens", hit.all(), "ids_restore must be a permutation of [0, L) per row")
     block_r, block_d = row_blocks(dim, max_cols=128)
     grid = (n, triton.cdiv(dim, block_d))
     _insert_backward_kernel[grid](
