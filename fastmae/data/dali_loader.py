@@ -56,10 +56,13 @@ def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | Non
             images = fn.slice(data, start=start, shape=shape, axis_names="WH")
             images = images.gpu() if gpu else images
         else:
+            # preallocations from DALI's ImageNet examples: avoid regrowing nvJPEG's buffers in the first epochs
+            padding = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
             images = fn.decoders.image_slice(
                 data, start=start, shape=shape, axis_names="WH",
                 device="mixed" if gpu else "cpu", output_type=types.RGB,
                 adjust_orientation=False,  # PIL (the torchvision loader) ignores EXIF orientation too
+                **padding,
             )
         images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(
@@ -70,6 +73,10 @@ def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | Non
     p = pipe()
     p.build()
     return p
+
+
+def _never_called(info):
+    raise StopIteration
 
 
 class DaliLoader(LoaderBase):
@@ -84,6 +91,10 @@ class DaliLoader(LoaderBase):
         self.device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
         self.name = "dali-gpu" if self.device_id is not None else "dali-cpu"
         self._feed = DaliFeed(source, cfg.seed)
+        # Build one pipeline now so a DALI that cannot run here (no GPU access, driver mismatch) fails at
+        # construction, where build_pretrain_loader's "auto" can fall back to torchvision, not mid-training.
+        del_me = _build_pipeline(cfg, _never_called, self._feed.pixels, self.device_id)
+        del del_me
 
     def _batches(self, start: int) -> Iterator[torch.Tensor]:
         b = start

@@ -11,7 +11,7 @@
             ckpt["data"] = loader.state_dict()
 """
 
-from fastmae.data.base import PretrainLoader
+from fastmae.data.base import PretrainLoader, log
 from fastmae.data.config import DataConfig
 from fastmae.data.sources import open_source, validate_data_path
 from fastmae.data.synthetic import SyntheticLoader
@@ -42,7 +42,13 @@ def build_pretrain_loader(cfg: DataConfig) -> PretrainLoader:
         if reason is None:
             from fastmae.data.dali_loader import DaliLoader
 
-            return DaliLoader(cfg, source)
+            try:
+                return DaliLoader(cfg, source)
+            except Exception as e:  # noqa: BLE001 - any failure to start DALI here means "not usable"
+                if kind == "dali":
+                    raise
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if kind == "dali":
             raise RuntimeError(f"loader 'dali' requested but unusable: {reason}")
+        log.warning("data: DALI not usable (%s); using the torchvision loader", reason)
     return TorchvisionLoader(cfg, source)
