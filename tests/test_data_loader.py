@@ -144,3 +144,34 @@ def test_bad_files_skipped_and_counted(tmp_path):
         "non_image_files": n["non_image"],
         "converted_files": n["converted"],
     }
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="loader must be one of"):
+        DataConfig(data_path=None, loader="ffcv")
+    with pytest.raises(ValueError, match="rank must be in"):
+        DataConfig(data_path=None, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        build_pretrain_loader(_cfg(default_num_images=10, batch_size=8, world_size=2))
+
+
+def test_resume_at_epoch_end_yields_nothing_then_next_epoch():
+    loader = build_pretrain_loader(_cfg())
+    loader.load_state_dict({"epoch": 4, "batch": loader.steps_per_epoch})
+    assert _epoch(loader, 4) == []
+    fresh = _epoch(build_pretrain_loader(_cfg()), 5)
+    assert all(torch.equal(a, b) for a, b in zip(_epoch(loader, 5), fresh)) and len(fresh) == 8
+    assert len(list(loader)) == 8  # a finished epoch iterated again replays it (as a DataLoader would)
+
+
+def test_auto_falls_back_to_torchvision_when_dali_cannot_start(monkeypatch):
+    from fastmae.data import dali_loader
+
+    def broken(*a, **k):
+        raise RuntimeError("no usable DALI here")
+
+    monkeypatch.setattr(dali_loader, "unavailable_reason", lambda cfg: None)
+    monkeypatch.setattr(dali_loader, "_build_pipeline", broken)
+    assert build_pretrain_loader(_cfg(loader="auto")).name == "torchvision"
+    with pytest.raises(RuntimeError, match="no usable DALI here"):
+        build_pretrain_loader(_cfg(loader="dali"))
