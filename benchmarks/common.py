@@ -37,7 +37,8 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
         code = ["fastmae", "kernels", "benchmarks"]  # the code a benchmark runs; other folders do not count
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code], cwd=REPO, capture_output=True).returncode
+        diff = ["git", "diff", "--quiet", "HEAD", "--", *code]
+        dirty = subprocess.run(diff, cwd=REPO, capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -46,7 +47,8 @@ def git_commit() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} ({torch.backends.cpu.get_cpu_capability()})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu} x{os.cpu_count()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import common, profiling  # noqa: E402
 from fastmae.models import create_model, model_config  # noqa: E402
-from fastmae.speed import make_optimizer, optimize_model  # noqa: E402
+from fastmae.speed import COMPILE_MODES, make_optimizer, optimize_model  # noqa: E402
+from fastmae.train.optim import param_groups  # noqa: E402  (the official no-decay split, as in training)
 
 MODELS = {
     "B": ("mae_vit_base_patch16_dec512d8b", 256),
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=None, help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
+    p.add_argument("--fast-compile-mode", default=None, choices=COMPILE_MODES,
+                   help="compile mode of the fast-compiled variant (default: default)")
     p.add_argument("--backend", default="auto", help="fastmae_kernels backend of the fastmae side")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--lr", type=float, default=1.5e-4)
@@ -81,15 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """The official split (no decay on biases, norms and tokens); both sides use the same groups."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
 def build(spec: tuple, name: str, state: dict, device: torch.device, lr: float, backend: str):
     reference, mode, ckpt = spec
     model = create_model(name, reference=reference, **({} if reference else {"backend": backend}))
@@ -98,10 +92,10 @@ def build(spec: tuple, name: str, state: dict, device: torch.device, lr: float, 
     if reference:  # the plain baseline: torch.compile as anyone would, foreach AdamW (torch's default)
         if mode is not None:
             model.compile(mode=mode)
-        optimizer = make_optimizer(param_groups(model), lr=lr, impl="torch-foreach")
+        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl="torch-foreach")
     else:
         optimize_model(model, compile=mode is not None, mode=mode or "default", grad_checkpointing=ckpt)
-        optimizer = make_optimizer(param_groups(model), lr=lr, impl="auto")
+        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl="auto")
     return model, optimizer
 
 
@@ -161,13 +155,15 @@ def free(device: torch.device) -> None:
 
 def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, out: Path) -> dict:
     device = imgs.device
-    row = {"variant": variant, "status": "ok"}
+    spec = VARIANTS[variant]
+    if variant == "fast-compiled" and args.fast_compile_mode:
+        spec = (False, args.fast_compile_mode, False)
+    row = {"variant": variant, "status": "ok", "compile_mode": spec[1], "grad_ckpt": spec[2]}
     try:
         with common.PeakMemory(device) as mem:
-            model, optimizer = build(VARIANTS[variant], name, state, device, args.lr, args.backend)
-            row["adamw"] = type(optimizer).__name__ + (
-                "(fused)" if optimizer.defaults.get("fused") else "(foreach)" if optimizer.defaults.get("foreach") else ""
-            )
+            model, optimizer = build(spec, name, state, device, args.lr, args.backend)
+            flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
+            row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             step = make_step(model, optimizer, imgs, args.mask_ratio)
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
@@ -265,7 +261,8 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
             for m in models]
         for v in args.variants
     }
-    title = f"MAE train step, bf16, {env['device']}, torch {env['torch']}, {env['date_utc'][:10]}, {env['git_commit'][:9]}"
+    title = (f"MAE train step, bf16, {env['device']}, torch {env['torch']}, "
+             f"{env['date_utc'][:10]}, {env['git_commit'][:9]}")
     common.bar_chart(models, series, "images/s", title, out / "e2e.png")
     print(text)
 

@@ -77,7 +77,8 @@ def test_count_flops_counts_cpu_attention():
     import torch
 
     q = torch.randn(2, 3, 16, 8, requires_grad=True)
-    total, per_op, _ = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
+    attention = torch.nn.functional.scaled_dot_product_attention
+    total, per_op, _ = common.count_flops(lambda: attention(q, q, q).sum().backward())
     forward = 4 * 2 * 3 * 16 * 16 * 8  # QK^T and PV: 2 matmuls of 2*B*H*N*N*hd
     assert total == forward + 2.5 * forward  # backward: 5 matmuls
     assert set(per_op) == {"aten._scaled_dot_product_flash_attention_for_cpu",
@@ -86,7 +87,8 @@ def test_count_flops_counts_cpu_attention():
 
 def test_count_only_mode(tmp_path):
     """FLOPs and saved activations, no timing: fastmae does less of both (visible-only patch embedding)."""
-    assert e2e.main(["--device", "cpu", "--models", "tiny", "--batch", "2", "--count-only", "--out", str(tmp_path)]) == 0
+    argv = ["--device", "cpu", "--models", "tiny", "--batch", "2", "--count-only", "--out", str(tmp_path)]
+    assert e2e.main(argv) == 0
     ref, fast = json.loads((tmp_path / "counts.json").read_text())["rows"]
     assert (ref["side"], fast["side"]) == ("reference", "fastmae")
     assert 0 < fast["total_gflop_per_img"] < ref["total_gflop_per_img"]

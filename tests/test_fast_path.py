@@ -107,14 +107,17 @@ def test_fast_adamw_equals_plain_adamw(impl):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_model_has_no_graph_breaks():
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_compiled_model_has_no_graph_breaks(grad_checkpointing):
     """Dynamo alone (no inductor: seconds): one graph for the whole forward, kernels ops included."""
-    model = optimize_model(_model(torch.float32), compile=False)
+    model = optimize_model(_model(torch.float32), compile=False, grad_checkpointing=grad_checkpointing)
     imgs, noise = _inputs(dtype=torch.float32)
     explanation = torch._dynamo.explain(model)(imgs, 0.75, noise)
     reasons = [b.reason.splitlines()[0] for b in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
+    if grad_checkpointing:  # the blocks are traced as checkpoint regions, not inlined
+        assert "checkpoint" in explanation.graphs[0].code
 
 
 @pytest.mark.slow
