@@ -60,7 +60,7 @@ def _torch_load(path: str, trust: bool) -> object:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot read {path} with weights_only=True ({first}); if you trust the file, "
-            f"pass --trust-checkpoint (torch.load weights_only=False)"
+            f"pass --trust_checkpoint (torch.load weights_only=False)"
         ) from e
 
 

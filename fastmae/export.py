@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timm", default=None, metavar="OUT.safetensors", help="write the timm-compatible encoder here")
     p.add_argument("--mae", default=None, metavar="OUT.pth", help="write an official-MAE-style checkpoint here")
     p.add_argument("--full", action="store_true", help="--mae with the decoder too (visualisation-style)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="torch.load with weights_only=False")
+    p.add_argument("--trust_checkpoint", action="store_true", help="torch.load with weights_only=False")
     args = p.parse_args(argv)
     if not args.timm and not args.mae:
         p.error("nothing to write: pass --timm OUT.safetensors and/or --mae OUT.pth")

@@ -58,12 +58,19 @@ class FrozenEncoder(nn.Module):
 
 @torch.no_grad()
 def extract_features(
-    encoder: FrozenEncoder, batches: Iterable, device: torch.device | str = "cpu", desc: str = "features"
+    encoder: FrozenEncoder,
+    batches: Iterable,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the encoder over (images, labels) batches; returns (features [N, D] fp32, labels [N] int64) on CPU."""
+    """Runs the encoder over (images, labels) batches; returns (features [N, D] fp32, labels [N] int64) on CPU.
+    On CUDA the encoder runs under bf16 autocast (as the official probe runs under autocast)."""
     feats, labels = [], []
-    for imgs, y in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
-        feats.append(encoder(imgs.to(device, non_blocking=True)).float().cpu())
+    on_cuda = torch.device(device).type == "cuda"
+    for imgs, y in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            feats.append(encoder(imgs.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y, dtype=torch.long))
     if not feats:
         raise ValueError(f"no images to extract {desc} from")
