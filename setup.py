@@ -4,7 +4,7 @@ The CUDA extension `fastmae_kernels._C` (sources in csrc/) is built when torch i
 nvcc is found. Switches:
   FASTMAE_BUILD_CUDA=0   never build it
   FASTMAE_BUILD_CUDA=1   build it or fail (no silent skip)
-  FASTMAE_CUDA_ARCH_LIST="8.0;9.0"   target archs (default sm_80 and sm_90)
+  FASTMAE_CUDA_ARCH_LIST="8.0;9.0"   target archs (default sm_80 and sm_90; CI builds "9.0" only)
 Build it with `pip install --no-build-isolation .` so the installed torch is the one compiled against.
 """
 
@@ -39,7 +39,13 @@ def _why_no_cuda_build() -> str | None:
     return None
 
 
+def _arch_list() -> str:
+    """FASTMAE_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else sm_80 and sm_90 ("9.0" alone builds ~2x faster)."""
+    return os.environ.get("FASTMAE_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+
+
 def cuda_extensions():
+    """([CUDAExtension fastmae_kernels._C], {"build_ext": ...}) or ([], {}) with one line saying why not."""
     if BUILD_CUDA in ("0", "false", "no", "off"):
         _say("FASTMAE_BUILD_CUDA=0: skipping the CUDA extension")
         return [], {}
@@ -51,15 +57,33 @@ def cuda_extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTMAE_CUDA_ARCH_LIST", DEFAULT_ARCHS))
-    _say(f"building the CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
+    _say(f"building the CUDA extension fastmae_kernels._C for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
+
+    class BuildCudaExtension(BuildExtension):
+        """A compile error fails the install with one clear line after the compiler's output (never a silent skip)."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:
+                _say(
+                    f"building the CUDA extension fastmae_kernels._C failed ({type(exc).__name__}: {exc}); "
+                    "the compiler output is above. Fix csrc/, or set FASTMAE_BUILD_CUDA=0 to install without it."
+                )
+                raise
+
     ext = CUDAExtension(
         name="fastmae_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        depends=headers,
+        # No --use_fast_math: the loss must divide and take sqrt exactly as the torch reference does.
+        # The C++ standard is torch's own (C++20 for torch 2.14), added by BuildExtension.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildCudaExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = cuda_extensions()
