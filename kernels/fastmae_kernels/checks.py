@@ -40,11 +40,14 @@ def _check_ids(op: str, name: str, ids: torch.Tensor, batch: int, upper: int) ->
     if ids.numel() == 0:
         return
     message = f"fastmae_kernels.{op}: {name} has ids outside [0, {upper})"
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():  # a .item() would break the graph
-        if int(ids.min()) < 0 or int(ids.max()) >= upper:
+    if torch.compiler.is_compiling():  # skipped when traced: a .item() or an assert would break the graph
+        return
+    lo, hi = torch.aminmax(ids)  # one reduction: on GPU every extra tiny launch counts at ~0.3 ms per step
+    if ids.device.type == "cpu":
+        if int(lo) < 0 or int(hi) >= upper:
             raise IndexError(message)
-    elif not torch.compiler.is_compiling():
-        torch._assert_async((ids.min() >= 0) & (ids.max() < upper), message)
+    else:
+        torch._assert_async((lo >= 0) & (hi < upper), message)
 
 
 def _check_pos(op: str, pos_embed: torch.Tensor | None, length: int, dim: int) -> None:
