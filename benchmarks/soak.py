@@ -60,10 +60,12 @@ def check_disk(out: str) -> tuple[int, int]:
 
 
 def kill_one_run(out: str, args: list[str], rng: random.Random, tmp: str, log: str, step_sleep: float) -> dict:
-    """Starts (resuming), waits for a random step past the newest checkpoint, SIGKILLs one random rank."""
+    """Starts (resuming), waits for a random step one to two checkpoint periods past the newest
+    checkpoint (so every run makes progress), then SIGKILLs one random rank anywhere within that step."""
     found = ckpt.complete_checkpoints(ckpt.root_dir(out))
     base = found[-1][0] if found else 0
-    target = base + rng.randint(1, 6)
+    save_every = int(args[args.index("--save_every_steps") + 1])
+    target = base + save_every + rng.randint(1, save_every)  # past the next checkpoint step
     proc = L.start([*args, "--resume", "auto", "--fault_step_sleep", str(step_sleep)], 2, tmp_dir=tmp, log_path=log)
     t0 = time.time()
     while proc.poll() is None and max(L.read_steps(out), default=0) < target and time.time() - t0 < 600:
@@ -170,7 +172,7 @@ def write_summary(result: dict, out_dir: str, name: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps of the run")
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps of the run (> kills x 2 x save_every)")
     p.add_argument("--save_every", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for soak_<kills>kills.json/.md (default: print only)")
