@@ -175,3 +175,18 @@ def test_auto_falls_back_to_torchvision_when_dali_cannot_start(monkeypatch):
     assert build_pretrain_loader(_cfg(loader="auto")).name == "torchvision"
     with pytest.raises(RuntimeError, match="no usable DALI here"):
         build_pretrain_loader(_cfg(loader="dali"))
+
+
+def test_abandoned_epoch_with_workers_then_resume_in_same_loader():
+    """Persistent DataLoader workers hold prefetched batches of the abandoned pass; none may leak."""
+    ref = _epoch(build_pretrain_loader(_cfg(num_workers=0)), 1)
+    loader = build_pretrain_loader(_cfg(num_workers=2))
+    loader.set_epoch(1)
+    it = iter(loader)
+    for _ in range(2):
+        next(it)
+    state = loader.state_dict()
+    del it
+    loader.load_state_dict(state)
+    rest = _epoch(loader, 1)
+    assert len(rest) == 6 and all(torch.equal(a, b) for a, b in zip(rest, ref[2:]))

@@ -18,6 +18,8 @@ class PretrainLoader(Protocol):
     name: str  # "dali-cpu", "dali-gpu", "torchvision", "synthetic"
     num_images: int
     steps_per_epoch: int  # per rank, drop_last
+    epoch: int  # the current epoch (set_epoch)
+    batch: int  # batches handed out in the current epoch, the one in hand included (= state_dict()["batch"])
 
     def set_epoch(self, epoch: int) -> None: ...
     def __iter__(self) -> Iterator[torch.Tensor]: ...  # [B, 3, S, S] float32 on cfg.device, normalised
