@@ -1,0 +1,77 @@
+"""In-process units of the NaN guard and the step gate (the multi-rank behaviour is in
+test_reliability_resume.py): a non-finite gradient alone (finite loss) is caught, and a vetoed AdamW
+step changes neither parameters nor optimizer state."""
+
+import copy
+
+import torch
+
+from fastmae.models.registry import create_model
+from fastmae.train.nan_guard import NanGuard, params_finite_local
+from fastmae.train.optim import build_optimizer
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 64, generator=g)
+
+
+def test_guard_catches_a_nonfinite_gradient_with_a_finite_loss():
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    poison = {"on": False}
+    # registered before the guard's hook, so the guard sees what backward produced (hooks run in order)
+    model.blocks[1].mlp.fc1.weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2)
+    imgs, noise = _batch()
+    loss, _, _ = model(imgs, noise=noise)
+    guard.note_loss(loss)
+    loss.backward()
+    assert guard.local_bad().item() == 0.0
+    guard.reset()
+    model.zero_grad()
+    # an Inf appears in one gradient only (e.g. an overflow inside backward)
+    poison["on"] = True
+    loss, _, _ = model(imgs, noise=noise)
+    guard.note_loss(loss)
+    loss.backward()
+    assert torch.isfinite(loss) and guard.local_bad().item() == 1.0
+    guard.record(True)
+    guard.record(True)
+    assert guard.should_stop and guard.skipped_steps == 2
+    guard.record(False)
+    assert guard.consecutive_bad == 0 and not guard.should_stop
+
+
+def test_guard_catches_a_nan_loss():
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    guard = NanGuard(model, torch.device("cpu"), max_bad_steps=1)
+    guard.note_loss(torch.tensor(float("nan")))
+    assert guard.local_bad().item() == 1.0
+
+
+def test_vetoed_step_changes_nothing():
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    opt, gate = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    imgs, noise = _batch()
+    for veto in (False, True):
+        loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        gate.veto = veto
+        opt.step()
+        gate.veto = False
+        opt.zero_grad()
+        after = (model.state_dict(), opt.state_dict())
+        same_params = all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+        assert same_params == veto
+        if veto:
+            for pid, st in before[1]["state"].items():
+                for k, v in st.items():
+                    assert torch.equal(v, after[1]["state"][pid][k]), k
+    assert gate.calls == 2
+    assert params_finite_local(model)
+    with torch.no_grad():
+        model.decoder_pred.bias[0] = float("nan")
+    assert not params_finite_local(model)
