@@ -272,4 +272,43 @@ def test_opcheck_schemas_fakes_and_autograd():
         (ops.masked_mse_loss, (pred, imgs, mask, 2, True, 1e-6)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(op, args)  # schema, fake tensor, autograd registration, aot_dispatch_dynamic
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+@requires_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: ViT-size grids and run-to-run bits")
+def test_vit_shapes_match_reference_and_are_deterministic():
+    """224 px, p=16 (L=196, P=768), decoder D=512, bf16 activations + fp32 token/pos as under autocast:
+    many blocks, row chunks and loss partials; two runs give the same bits."""
+    n, length, dim = 16, 196, 512
+    ids_keep, ids_restore, mask = _masking(n, length, seed=21, device="cuda")
+    keep = ids_keep.shape[1]
+    imgs = _randn(n, 3, 224, 224, seed=22, device="cuda")
+    pred = _randn(n, length, 768, dtype=torch.bfloat16, seed=23, device="cuda")
+    x_vis = _randn(n, keep, dim, dtype=torch.bfloat16, seed=24, device="cuda")
+    token = _randn(1, 1, dim, seed=25, device="cuda", scale=0.02)
+    pos = _randn(1, length, dim, seed=26, device="cuda", scale=0.1)
+    grad = _randn(n, length, dim, seed=27, device="cuda")
+    op = _op("insert_mask_tokens", "cuda")
+    runs = [_grads(lambda a, b: op(a, b, ids_restore, pos), [x_vis, token], grad) for _ in range(2)]
+    ref, want = _grads(lambda a, b: reference.insert_mask_tokens(a, b, ids_restore, pos), [x_vis, token], grad)
+    assert torch.equal(runs[0][0], ref) and torch.equal(runs[0][1][0], want[0])
+    scale = grad.abs().sum(dim=(0, 1)).max().item()  # fp32 sums of N*(L-K) rows in another order
+    torch.testing.assert_close(runs[0][1][1], want[1], rtol=1e-5, atol=1e-6 * scale)
+    assert torch.equal(runs[0][1][1], runs[1][1][1])  # mask-token gradient: same bits every run
+    loss_op = _op("masked_mse_loss", "cuda")
+    losses = [_grads(lambda p: loss_op(p, imgs, mask, 16), [pred], torch.tensor(1.0, device="cuda")) for _ in range(2)]
+    ref_loss, (ref_grad,) = _grads(lambda p: reference.masked_mse_loss(p, imgs, mask, 16), [pred],
+                                   torch.tensor(1.0, device="cuda"))
+    torch.testing.assert_close(losses[0][0], ref_loss, **_loss_tol(torch.bfloat16))
+    torch.testing.assert_close(losses[0][1][0], ref_grad, **_grad_tol(torch.bfloat16))
+    assert torch.equal(losses[0][0], losses[1][0])  # fixed-order reduction: same bits every run
+
+
+@requires_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_picks_cuda_on_gpu():
+    reason = cuda_ops.unavailable_reason(torch.device("cuda"))
+    assert reason is None, f"the cuda backend does not run on this GPU (built for FASTMAE_CUDA_ARCH_LIST?): {reason}"
+    assert fk.resolve_backend("auto", "cuda") == "cuda"
