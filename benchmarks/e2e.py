@@ -84,10 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build(spec: tuple, name: str, state: dict, device: torch.device, lr: float, backend: str):
+def build(spec: tuple, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
     reference, mode, ckpt = spec
     model = create_model(name, reference=reference, **({} if reference else {"backend": backend}))
-    model.load_state_dict(state, strict=True)  # the same initial weights on every side
+    if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
+        model.load_state_dict(state, strict=True)  # the same initial weights on every side
     model.to(device).train()
     if reference:  # the plain baseline: torch.compile as anyone would, foreach AdamW (torch's default)
         if mode is not None:
@@ -193,7 +194,8 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar) -> list[dict
     batch = args.batch or default_batch
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    state = create_model(name, reference=True).state_dict()  # one official init, shared by every variant
+    # one official init, shared by every variant
+    state = None if args.count_only else create_model(name, reference=True).state_dict()
     img = model_config(name).get("img_size", 224)
     imgs = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(args.seed)).to(device)
     flops, breakdown = {}, []
