@@ -107,10 +107,18 @@ def test_fast_adamw_equals_plain_adamw(impl):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_compiled_model_has_no_graph_breaks(grad_checkpointing):
-    """Dynamo alone (no inductor: seconds): one graph for the whole forward, kernels ops included."""
-    model = optimize_model(_model(torch.float32), compile=False, grad_checkpointing=grad_checkpointing)
+@pytest.mark.parametrize("backend, grad_checkpointing", [("torch", False), ("torch", True), ("triton", False)])
+def test_compiled_model_has_no_graph_breaks(backend, grad_checkpointing):
+    """Dynamo alone (no inductor: seconds): one graph for the whole forward, the kernels' custom ops included
+    (triton runs here under TRITON_INTERPRET=1, set by conftest; the cuda backend needs a GPU)."""
+    import fastmae_kernels as fk
+
+    reason = fk.dispatch.unavailable_reason(backend, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    model = _model(torch.float32)
+    model.backend = backend
+    optimize_model(model, compile=False, grad_checkpointing=grad_checkpointing)
     imgs, noise = _inputs(dtype=torch.float32)
     explanation = torch._dynamo.explain(model)(imgs, 0.75, noise)
     reasons = [b.reason.splitlines()[0] for b in explanation.break_reasons]
