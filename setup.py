@@ -97,6 +97,7 @@ setup(
     package_dir={"fastmae_kernels": "kernels/fastmae_kernels"},
     install_requires=[
         "torch>=2.4,<2.16",
+        "torchvision",  # the official augmentation and the fallback loader
         "triton>=3.0",
         "numpy",
         "deepspeed>=0.15",
@@ -109,7 +110,7 @@ setup(
         "safetensors",
         "webdataset",
     ],
-    extras_require={"test": ["pytest>=8", "timm>=1.0", "torchvision"]},
+    extras_require={"test": ["pytest>=8", "timm>=1.0", "psutil"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
