@@ -7,6 +7,7 @@ Index range checks cost a device sync on GPU, so there they are done with `torch
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: reference backend, for tests
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton and CUDA kernels store
 
 
 def _fail(op: str, message: str) -> None:
@@ -126,3 +127,13 @@ def check_masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Te
     if tuple(mask.shape) != (n, length):
         _fail(op, f"mask must be [{n}, {length}], got {list(mask.shape)}")
     _check_same_device(op, pred=pred, imgs=imgs, mask=mask)
+
+
+def check_kernel_dtypes(backend: str, op: str, **tensors: torch.Tensor | None) -> None:
+    """The fused kernels compute in fp32 and store fp32/bf16/fp16; fp64 stays on the torch backend."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            raise ValueError(
+                f"fastmae_kernels.{op}: the {backend} backend supports float32, bfloat16 and float16, "
+                f"got {name} {t.dtype} (use backend='torch' for float64)"
+            )

@@ -10,6 +10,7 @@ this backend for CPU tensors.
 
 import torch
 
+from fastmae_kernels import checks
 from fastmae_kernels.reference import num_kept
 
 try:
@@ -19,7 +20,6 @@ try:
 except ImportError as exc:  # not built (no CUDA torch / no nvcc at install time, or FASTMAE_BUILD_CUDA=0)
     IMPORT_ERROR = exc
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _smoke: dict[int, str | None] = {}  # device index -> None when a tiny op ran correctly there
 
 
@@ -54,12 +54,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def _check_dtypes(op: str, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            raise ValueError(
-                f"fastmae_kernels.{op}: the cuda backend supports float32, bfloat16 and float16, "
-                f"got {name} {t.dtype} (use backend='torch' for float64)"
-            )
+    checks.check_kernel_dtypes("cuda", op, **tensors)
 
 
 def _promote(*dtypes: torch.dtype | None) -> torch.dtype:

@@ -6,10 +6,11 @@ import torch
 import triton
 from triton import knobs
 
+from fastmae_kernels import checks
+
 # Kernels are defined (interpreted or compiled) when their module is imported: Triton reads
 # TRITON_INTERPRET at @triton.jit time, so setting it later has no effect on these kernels.
 INTERPRETED = bool(knobs.runtime.interpret)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -27,13 +28,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def check_kernel_dtype(op: str, **tensors: torch.Tensor | None) -> None:
-    """The kernels compute in fp32 and store fp32/bf16/fp16; fp64 stays on the torch backend."""
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            raise ValueError(
-                f"fastmae_kernels.{op}: the triton backend supports float32, bfloat16 and float16, "
-                f"got {name} {t.dtype} (use backend='torch' for float64)"
-            )
+    checks.check_kernel_dtypes("triton", op, **tensors)
 
 
 def row_blocks(width: int, max_cols: int = 256, elements: int = 4096) -> tuple[int, int]:
