@@ -16,7 +16,6 @@ log.txt (one JSON line per eval), result.json and TensorBoard scalars.
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from fastmae.checkpoint_io import CheckpointError
 from fastmae.features import FrozenEncoder, extract_features
 from fastmae.optim_lars import LARS
 from fastmae.probe_data import add_data_args, add_model_args, build_datasets, build_encoder, check_args, loader
+from fastmae.train import schedule
 
 OPTIMIZERS = ("lars", "sgd")
 
@@ -69,11 +69,8 @@ class ProbeConfig:
 
 
 def lr_at(cfg: ProbeConfig, epoch: float) -> float:
-    """The official schedule at fractional epoch: linear warmup, then half-cycle cosine to min_lr."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.peak_lr * epoch / cfg.warmup_epochs
-    span = max(cfg.epochs - cfg.warmup_epochs, 1e-12)
-    return cfg.min_lr + (cfg.peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    """The official schedule at fractional epoch (the trainer's: linear warmup, then half-cycle cosine to min_lr)."""
+    return schedule.lr_at(epoch, lr=cfg.peak_lr, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs, epochs=cfg.epochs)
 
 
 class LinearHead(nn.Module):
