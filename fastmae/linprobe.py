@@ -16,6 +16,7 @@ log.txt (one JSON line per eval), result.json and TensorBoard scalars.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -182,14 +183,15 @@ def train_probe(
             for group in opt.param_groups:  # per-step schedule, as the official engine
                 group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
             loss = F.cross_entropy(head(f.to(device)), y.to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"linear probe loss is {loss.item()} at epoch {epoch} step {step}; lower --blr")
+            loss_val = loss.item()  # the one host sync of the step: the finite check, the sum and the bar share it
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"linear probe loss is {loss_val} at epoch {epoch} step {step}; lower --blr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum, steps = loss_sum + loss.item(), steps + 1
+            loss_sum, steps = loss_sum + loss_val, steps + 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.3g}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss_val:.3f}", lr=f"{opt.param_groups[0]['lr']:.3g}")
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             result = evaluate(head, *val)
             best = max(best, result["top1"])
