@@ -1,7 +1,6 @@
 """The pretraining loop: data -> DeepSpeed engine, with the schedule, logging, checkpoints, preemption
 and the NaN guard. `run(cfg, dist)` returns the process exit code."""
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -266,7 +265,3 @@ class Trainer:
 def run(cfg: TrainConfig, dist: D.DistInfo, preempt: PreemptionFlag) -> int:
     trainer = Trainer(cfg, dist, preempt)
     return trainer.run()
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
