@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD  # the normalisation the loaders apply
+
 _GAP = 2  # px between tiles
 
 
