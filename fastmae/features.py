@@ -57,6 +57,15 @@ class FrozenEncoder(nn.Module):
 
 
 @torch.no_grad()
+def encode(encoder: FrozenEncoder, imgs: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Pooled fp32 features [N, D] of imgs [N, C, H, W] on `device`; bf16 autocast on CUDA (as the
+    official probe runs under autocast)."""
+    on_cuda = torch.device(device).type == "cuda"
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        return encoder(imgs.to(device, non_blocking=True)).float()
+
+
+@torch.no_grad()
 def extract_features(
     encoder: FrozenEncoder,
     batches: Iterable,
@@ -67,10 +76,8 @@ def extract_features(
     """Runs the encoder over (images, labels) batches; returns (features [N, D] fp32, labels [N] int64) on CPU.
     On CUDA the encoder runs under bf16 autocast (as the official probe runs under autocast)."""
     feats, labels = [], []
-    on_cuda = torch.device(device).type == "cuda"
     for imgs, y in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            feats.append(encoder(imgs.to(device, non_blocking=True)).float().cpu())
+        feats.append(encode(encoder, imgs, device).cpu())
         labels.append(torch.as_tensor(y, dtype=torch.long))
     if not feats:
         raise ValueError(f"no images to extract {desc} from")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastmae.checkpoint_io import CheckpointError
-from fastmae.features import FrozenEncoder, extract_features
+from fastmae.features import FrozenEncoder, encode, extract_features
 from fastmae.optim_lars import LARS
 from fastmae.probe_data import add_data_args, add_model_args, build_datasets, build_encoder, check_args, loader
 from fastmae.train import schedule
@@ -130,9 +130,7 @@ def online_batches(encoder: FrozenEncoder, make_loader, batch_size: int, device)
     def epoch_batches(epoch: int):
         buf_f, buf_y, have = [], [], 0
         for imgs, y in make_loader(epoch):
-            with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                                                  enabled=torch.device(device).type == "cuda"):
-                buf_f.append(encoder(imgs.to(device, non_blocking=True)).float())
+            buf_f.append(encode(encoder, imgs, device))  # [b, D]
             buf_y.append(y.to(device))
             have += y.shape[0]
             while have >= batch_size:
