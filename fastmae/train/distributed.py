@@ -69,11 +69,13 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, local_rank=local, world_size=world, device=device)
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks of a few flags/numbers (one collective, one host sync)."""
+def all_reduce_max(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Element-wise max over ranks of a few flags/numbers (one collective, one host sync). A value may be a
+    device scalar tensor: it is stacked on the device, not read back first (no extra host sync)."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    t = torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in values])  # [len(values)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

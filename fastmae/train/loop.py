@@ -159,7 +159,7 @@ class Trainer:
 
     def _optimizer_step(self, lr, epoch, step_loss, interval_loss, timer) -> int | None:
         cfg, prog = self.cfg, self.progress
-        bad, preempted = D.all_reduce_max([self.guard.local_bad().item(), float(self.preempt.raised)], self.device)
+        bad, preempted = D.all_reduce_max([self.guard.local_bad(), float(self.preempt.raised)], self.device)
         bad = bool(bad)
         self.gate.veto = bad  # skip: parameters and AdamW state stay as they were
         self.engine.step()
