@@ -49,7 +49,7 @@ VARIANTS = {
 GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
-           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw"]
+           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--count-only", action="store_true",
                    help="no timing: count FLOPs per image and saved activation bytes (any device, e.g. CPU)")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler breakdown per variant")
+    p.add_argument("--trace", action="store_true", help="with --profile, also write chrome traces (tens of MB each)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/e2e-<device>-<date>)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -165,6 +166,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             model, optimizer = build(spec, name, state, device, args.lr, args.backend)
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
+            row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
             step = make_step(model, optimizer, imgs, args.mask_ratio)
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
@@ -178,7 +180,8 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             peak_mem_kind=mem.kind,
         )
         if args.profile:
-            row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{variant}")
+            row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{variant}",
+                                                    trace=args.trace)
         del model, optimizer, step
     except torch.OutOfMemoryError:
         row["status"] = "oom"
@@ -189,7 +192,9 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
     return row
 
 
-def bench_model(key: str, args, peak_tflops: float, out: Path, bar) -> list[dict]:
+def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None) -> list[dict]:
+    """Every variant of one model. `on_row(rows so far)` runs after each variant: outputs are rewritten as
+    results arrive, so a run cut short (a device lease, an OOM kill) keeps what it measured."""
     name, default_batch = MODELS[key]
     batch = args.batch or default_batch
     device = torch.device(args.device)
@@ -225,6 +230,8 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar) -> list[dict
                 row["mfu"] = row["effective_tflops"] / peak_tflops
         rows.append(row)
         bar.update()
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -243,7 +250,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list[dict], peak: float) -> None:
+def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list[dict], peak: float,
+                  quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"matmul_peak_tflops": peak, "mask_ratio": args.mask_ratio, "steps": args.steps, "warmup": args.warmup}
     common.write_json({"environment": env, "settings": meta, "rows": rows, "ratios": ratio_rows}, out / "e2e.json")
@@ -266,7 +274,8 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
     title = (f"MAE train step, bf16, {env['device']}, torch {env['torch']}, "
              f"{env['date_utc'][:10]}, {env['git_commit'][:9]}")
     common.bar_chart(models, series, "images/s", title, out / "e2e.png")
-    print(text)
+    if not quiet:
+        print(text)
 
 
 def write_counts(out: Path, env: dict, rows: list[dict]) -> int:
@@ -293,10 +302,15 @@ def main(argv=None) -> int:
     if args.count_only:
         return write_counts(out, env, [r for key in tqdm(args.models) for r in bench_model(key, args, 0.0, out, None)])
     peak = args.peak_tflops or common.matmul_peak_tflops(device, size=8192 if device.type == "cuda" else 1024)
-    rows = []
+    rows: list[dict] = []
+
+    def write(partial: list[dict]) -> None:
+        done = rows + partial
+        write_outputs(out, env, args, done, ratios(done), peak, quiet=True)
+
     with tqdm(total=len(args.models) * len(args.variants), file=sys.stderr) as bar:
         for key in args.models:
-            rows += bench_model(key, args, peak, out, bar)
+            rows += bench_model(key, args, peak, out, bar, on_row=write)
     write_outputs(out, env, args, rows, ratios(rows), peak)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

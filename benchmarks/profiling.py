@@ -31,9 +31,11 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_dir: Path, tag: str) -> dict:
-    """Profiles `steps` calls of `step` (already warmed up); writes <tag>.trace.json (chrome trace),
-    <tag>.top.txt (top ops) and returns {category: share of device time}."""
+def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_dir: Path, tag: str,
+                 trace: bool = False) -> dict:
+    """Profiles `steps` calls of `step` (already warmed up); writes <tag>.top.txt (top ops),
+    <tag>.categories.json, with `trace` also <tag>.trace.json (chrome trace, tens of MB for a ViT-B step),
+    and returns {category: share of device time}."""
     device = torch.device(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -42,7 +44,8 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(out_dir / f"{tag}.trace.json"))
+    if trace:
+        prof.export_chrome_trace(str(out_dir / f"{tag}.trace.json"))
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     (out_dir / f"{tag}.top.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40))
     totals: dict[str, float] = defaultdict(float)

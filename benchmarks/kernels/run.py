@@ -25,7 +25,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 RUNS_PER_SHAPE = 1 + 5 * len(MODES)  # random_masking: forward only
 
 
-def _rows_for_shape(shape, device, impls, env, copy_gbs, smoke, progress):
+def _rows_for_shape(shape, device, impls, env, copy_gbs, smoke, progress, on_case=None):
+    """Every (case, implementation, mode) of one shape; `on_case(rows so far)` runs after each case."""
     inputs = make_inputs(shape, device)
     rows = []
     for case in make_cases(shape, inputs):
@@ -40,6 +41,8 @@ def _rows_for_shape(shape, device, impls, env, copy_gbs, smoke, progress):
                     **timing, "bytes": moved, "GB/s": gbs, "frac_copy_bw": gbs / copy_gbs if copy_gbs else None,
                 })
                 progress.update(1)
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -64,9 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbs = copy_bandwidth(device, smoke)
     total = RUNS_PER_SHAPE * len(impls) * len(shapes)
     rows = []
+
+    def write_so_far(partial):  # a run cut short (a device lease) keeps what it measured
+        report.write(rows + partial, args.out, env, copy_gbs, smoke)
+
     with tqdm(total=total, desc="kernel benchmark", unit="run") as progress:
         for shape in shapes:
-            rows += _rows_for_shape(shape, device, impls, env, copy_gbs, smoke, progress)
+            rows += _rows_for_shape(shape, device, impls, env, copy_gbs, smoke, progress, on_case=write_so_far)
     out = report.write(rows, args.out, env, copy_gbs, smoke)
     print(f"wrote {out}.csv / .md / .png")
 
