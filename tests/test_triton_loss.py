@@ -48,12 +48,14 @@ def test_masked_mse_loss_matches_fp64_reference(n, channels, height, width, patc
     floor = 8 * FP32_EPS * exact.abs().item()
     assert (got.double() - exact).abs().item() <= 2 * (same.double() - exact).abs().item() + floor
 
-    # d(pred) is stored in pred's dtype: one rounding of an fp32 value, plus the fp32 error above.
+    # d(pred) is stored in pred's dtype: one rounding of an fp32 value, plus the error of the fp32 ops before
+    # it (mean, var, sqrt, divisions: on a GPU Triton's fp32 `/` and sqrt are the ~2-ulp approximate PTX
+    # forms, so fp32 outputs were seen 3 ulps off on an H100; 8 fp32 ulps bounds a few such ops).
     assert got_grad.dtype == dtype
     visible = mask == 0
     assert torch.all(got_grad[visible] == 0)
     assert got_grad[~visible].abs().sum() > 0
-    eps = torch.finfo(dtype).eps
+    eps = torch.finfo(dtype).eps + 8 * FP32_EPS
     scale = exact_grad.abs().max().item()
     torch.testing.assert_close(got_grad.double(), exact_grad, rtol=eps, atol=eps * scale)
     same_err = (same_grad.double() - exact_grad).abs().max().item()
