@@ -14,10 +14,12 @@ FLOPs are counted with torch.utils.flop_counter over one forward+backward (the o
 """
 
 import argparse
+import contextlib
 import gc
 import re
 import sys
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,15 +39,32 @@ MODELS = {
     "tiny": ("mae_vit_tiny_patch4_dec64d2b", 8),
     "small": ("mae_vit_small_patch8_dec128d2b", 8),
 }
-# name -> (reference?, compile mode or None, grad checkpointing?)
+
+
+@dataclass(frozen=True)
+class Variant:
+    reference: bool  # the plain reference MAE (else fastmae)
+    mode: str | None = None  # torch.compile mode; None: eager
+    ckpt: bool = False  # activation checkpointing per block (fastmae only)
+    adamw: str | None = None  # AdamW implementation; None: foreach for the reference, "auto" (fused) for fastmae
+    backend: str | None = None  # fastmae_kernels backend of fastmae; None: --backend
+    sdpa: str | None = None  # force one SDPA backend ("flash", "cudnn", "efficient", "math"); None: torch picks
+
+
 VARIANTS = {
-    "ref-eager": (True, None, False),
-    "ref-compiled": (True, "default", False),
-    "fast-eager": (False, None, False),
-    "fast-compiled": (False, "default", False),
-    "fast-cudagraphs": (False, "reduce-overhead", False),
-    "fast-compiled-ckpt": (False, "default", True),
+    "ref-eager": Variant(reference=True),
+    "ref-compiled": Variant(reference=True, mode="default"),
+    "fast-eager": Variant(reference=False),
+    "fast-compiled": Variant(reference=False, mode="default"),
+    "fast-cudagraphs": Variant(reference=False, mode="reduce-overhead"),
+    "fast-compiled-ckpt": Variant(reference=False, mode="default", ckpt=True),
+    # Controls that split fastmae's gain into its parts (benchmarks/NOTES.md §6.2):
+    "ref-compiled-fusedadamw": Variant(reference=True, mode="default", adamw="auto"),  # only the optimizer differs
+    "fast-compiled-torchops": Variant(reference=False, mode="default", backend="torch"),  # Inductor fuses the MAE ops
+    "fast-compiled-flash": Variant(reference=False, mode="default", sdpa="flash"),
 }
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
 GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
@@ -58,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="comma list of " + ",".join(MODELS) + " (default B,L,H on GPU)")
     p.add_argument("--batch", type=int, default=None, help="batch for every model (default: per model, B256/L128/H64)")
     p.add_argument("--variants", default=None, help=f"comma list of {','.join(VARIANTS)}")
+    p.add_argument("--repeat-first", action="store_true",
+                   help="time the first variant again after the others (row '<variant>#2'): the run-to-run drift")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
     p.add_argument("--fast-compile-mode", default=None, choices=COMPILE_MODES,
@@ -85,28 +106,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build(spec: tuple, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
-    reference, mode, ckpt = spec
-    model = create_model(name, reference=reference, **({} if reference else {"backend": backend}))
+def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
+    model = create_model(name, reference=spec.reference, **({} if spec.reference else {"backend": spec.backend or backend}))
     if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
         model.load_state_dict(state, strict=True)  # the same initial weights on every side
     model.to(device).train()
-    if reference:  # the plain baseline: torch.compile as anyone would, foreach AdamW (torch's default)
-        if mode is not None:
-            model.compile(mode=mode)
-        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl="torch-foreach")
+    if spec.reference:  # the plain baseline: torch.compile as anyone would, foreach AdamW (torch's default)
+        if spec.mode is not None:
+            model.compile(mode=spec.mode)
+        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "torch-foreach")
     else:
-        optimize_model(model, compile=mode is not None, mode=mode or "default", grad_checkpointing=ckpt)
-        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl="auto")
+        optimize_model(model, compile=spec.mode is not None, mode=spec.mode or "default", grad_checkpointing=spec.ckpt)
+        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "auto")
     return model, optimizer
 
 
-def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float):
+def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, sdpa: str | None = None):
     autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16)
+
+    def attention_backend():
+        if sdpa is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa]))
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast, attention_backend():
             loss = model(imgs, mask_ratio)[0]
         loss.backward()
         optimizer.step()
@@ -118,7 +145,7 @@ def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float):
 def count_step(spec: tuple, name: str, state: dict, imgs: torch.Tensor, args) -> tuple[common.FlopCount, dict]:
     """One eager forward+backward (no optimizer) of the model `spec` describes: counted FLOPs; in --count-only
     mode also the activation bytes saved for backward at batch N and 2N, split into per image and fixed."""
-    model, _ = build((spec[0], None, False), name, state, imgs.device, lr=0.0, backend=args.backend)
+    model, _ = build(Variant(reference=spec.reference), name, state, imgs.device, lr=0.0, backend=args.backend)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -159,15 +186,16 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
     device = imgs.device
     spec = VARIANTS[variant]
     if variant == "fast-compiled" and args.fast_compile_mode:
-        spec = (False, args.fast_compile_mode, False)
-    row = {"variant": variant, "status": "ok", "compile_mode": spec[1], "grad_ckpt": spec[2]}
+        spec = replace(spec, mode=args.fast_compile_mode)
+    row = {"variant": variant, "status": "ok", "compile_mode": spec.mode, "grad_ckpt": spec.ckpt,
+           "sdpa": spec.sdpa or "default"}
     try:
         with common.PeakMemory(device) as mem:
             model, optimizer = build(spec, name, state, device, args.lr, args.backend)
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
-            step = make_step(model, optimizer, imgs, args.mask_ratio)
+            step = make_step(model, optimizer, imgs, args.mask_ratio, spec.sdpa)
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
         row.update(
@@ -216,10 +244,13 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
     if args.count_only:
         return breakdown
     rows = []
-    for variant in args.variants:
-        bar.set_description(f"{key} {variant}")
+    labels = args.variants + ([f"{args.variants[0]}#2"] if args.repeat_first else [])
+    for label in labels:
+        variant = label.split("#")[0]
+        bar.set_description(f"{key} {label}")
         row = {"model": key, "model_name": name, "batch": batch, **run_variant(variant, name, state, imgs, args, out)}
-        own = flops["ref" if VARIANTS[variant][0] else "fast"]
+        row["variant"] = label
+        own = flops["ref" if VARIANTS[variant].reference else "fast"]
         row["own_gflop_per_img"] = own / 1e9 if own else None
         row["ref_gflop_per_img"] = flops["ref"] / 1e9 if flops["ref"] else None
         if row["status"] == "ok":
@@ -236,15 +267,18 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """fastmae / reference images/s per model: eager/eager, compiled/compiled, best fastmae / compiled ref."""
+    """fastmae / reference images/s per model: eager/eager, compiled/compiled, best fastmae / compiled ref;
+    with --repeat-first also the drift: the first variant's second timing over its first."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         ok = {r["variant"]: r["img_s"] for r in rows if r["model"] == model and r["status"] == "ok"}
-        fast_best = max((v for k, v in ok.items() if k.startswith("fast")), default=None)
+        fast_best = max((v for k, v in ok.items() if k.startswith("fast") and "#" not in k), default=None)
+        repeat = next((k for k in ok if k.endswith("#2")), None)
         pairs = {
             "eager": (ok.get("fast-eager"), ok.get("ref-eager")),
             "compiled": (ok.get("fast-compiled"), ok.get("ref-compiled")),
             "best_vs_ref_compiled": (fast_best, ok.get("ref-compiled")),
+            "repeat_drift": (ok.get(repeat), ok.get(repeat.split("#")[0]) if repeat else None),
         }
         out.append({"model": model, **{k: (a / b if a and b else None) for k, (a, b) in pairs.items()}})
     return out
@@ -262,14 +296,14 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
         "effective_tflops = reference FLOPs/img x img/s; own_tflops = the model's own counted FLOPs/img x img/s.\n\n"
         + common.markdown_table(rows, COLUMNS)
         + "\nfastmae / reference images/s:\n\n"
-        + common.markdown_table(ratio_rows, ["model", "eager", "compiled", "best_vs_ref_compiled"])
+        + common.markdown_table(ratio_rows, ["model", "eager", "compiled", "best_vs_ref_compiled", "repeat_drift"])
     )
     (out / "e2e.md").write_text(text)
     models = list(dict.fromkeys(r["model"] for r in rows))
     series = {
         v: [next((r["img_s"] for r in rows if r["model"] == m and r["variant"] == v and r["status"] == "ok"), None)
             for m in models]
-        for v in args.variants
+        for v in dict.fromkeys(r["variant"] for r in rows)
     }
     title = (f"MAE train step, bf16, {env['device']}, torch {env['torch']}, "
              f"{env['date_utc'][:10]}, {env['git_commit'][:9]}")
@@ -308,7 +342,7 @@ def main(argv=None) -> int:
         done = rows + partial
         write_outputs(out, env, args, done, ratios(done), peak, quiet=True)
 
-    with tqdm(total=len(args.models) * len(args.variants), file=sys.stderr) as bar:
+    with tqdm(total=len(args.models) * (len(args.variants) + args.repeat_first), file=sys.stderr) as bar:
         for key in args.models:
             rows += bench_model(key, args, peak, out, bar, on_row=write)
     write_outputs(out, env, args, rows, ratios(rows), peak)

@@ -69,7 +69,50 @@ def test_ratios_pair_the_right_variants():
     ]
     b, h = e2e.ratios(rows)
     assert (b["eager"], b["compiled"], b["best_vs_ref_compiled"]) == (2.0, 2.0, 2.2)
+    assert b["repeat_drift"] is None
     assert h["eager"] is None and h["best_vs_ref_compiled"] is None
+    # --repeat-first: the repeat gives the drift and never counts as fastmae's best
+    rows.append({"model": "B", "variant": "fast-cudagraphs#2", "status": "ok", "img_s": 363.0})
+    b, _ = e2e.ratios(rows)
+    assert b["repeat_drift"] == pytest.approx(1.1) and b["best_vs_ref_compiled"] == 2.2
+
+
+@pytest.mark.parametrize("variant, reference, adamw, backend", [
+    ("ref-compiled", True, "AdamW(foreach)", None),
+    ("ref-compiled-fusedadamw", True, "AdamW(fused)", None),  # the control: only the optimizer differs
+    ("fast-compiled", False, "AdamW(fused)", "torch"),  # auto resolves to torch on a CPU
+    ("fast-compiled-torchops", False, "AdamW(fused)", "torch"),
+])
+def test_control_variants_build_what_they_say(variant, reference, adamw, backend):
+    import torch
+
+    model, optimizer = e2e.build(e2e.VARIANTS[variant], "mae_vit_tiny_patch4_dec64d2b", None, torch.device("cpu"),
+                                 lr=1e-3, backend="auto")
+    flavour = next(k for k in ("fused", "foreach") if optimizer.defaults.get(k))
+    assert f"{type(optimizer).__name__}({flavour})" == adamw
+    assert hasattr(model, "backend") != reference and getattr(model, "backend", None) == backend
+
+
+def test_sdpa_variant_runs_a_step_under_the_forced_backend(monkeypatch):
+    import torch
+    import torch.nn.attention as attention
+
+    entered = []
+    real = attention.sdpa_kernel
+
+    def spy(backends, *args, **kwargs):
+        entered.append(backends)
+        return real(backends, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_kernel", spy)
+    spec = e2e.VARIANTS["fast-compiled-flash"]
+    model, optimizer = e2e.build(e2e.Variant(reference=False), "mae_vit_tiny_patch4_dec64d2b", None,
+                                 torch.device("cpu"), lr=1e-3, backend="torch")
+    step = e2e.make_step(model, optimizer, torch.randn(2, 3, 32, 32), 0.75, sdpa=spec.sdpa)
+    assert torch.isfinite(step())
+    assert entered == [attention.SDPBackend.FLASH_ATTENTION]
+    e2e.make_step(model, optimizer, torch.randn(2, 3, 32, 32), 0.75)()  # default: torch picks, no context
+    assert len(entered) == 1
 
 
 def test_count_flops_counts_cpu_attention():

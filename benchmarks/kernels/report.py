@@ -48,14 +48,23 @@ def _markdown(rows: list[dict], env: dict, copy_gbs: float) -> str:
                  "they are not kernel speed.", ""]
     else:
         head += ["## Targets (H100)", "", *_targets(rows), ""]
-    table = ["| shape | op | mode | impl | ms | GB/s | % copy BW | x vs compile | x vs eager | note |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    if any("graph_ms" in r for r in rows):
+        head += ["`graph ms`: the same call captured in a CUDA graph and replayed (device time without host launch "
+                 "cost, as in a compiled, graphed step); `graph GB/s` and `graph % copy BW` use it.", ""]
+    table = ["| shape | op | mode | impl | ms | GB/s | % copy BW | graph ms | graph % copy BW | x vs compile "
+             "| x vs eager | note |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         frac = None if r["frac_copy_bw"] is None else 100 * r["frac_copy_bw"]
+        graph = r.get("graph_ms")
+        graph_frac = None
+        if graph and not math.isnan(graph) and r["frac_copy_bw"] is not None:
+            graph_frac = 100 * r["frac_copy_bw"] * r["ms"] / graph
+        note = "; ".join(x for x in (r["error"], r.get("graph_error", "")) if x)
         table.append(
             f"| {r['shape']} | {r['op']} | {r['mode']} | {r['impl']} | {_fmt(r['ms'], '.3f')} "
-            f"| {_fmt(r['GB/s'], '.0f')} | {_fmt(frac, '.0f')} | {_fmt(r['x_vs_compile'], '.2f')} "
-            f"| {_fmt(r['x_vs_eager'], '.2f')} | {r['error']} |"
+            f"| {_fmt(r['GB/s'], '.0f')} | {_fmt(frac, '.0f')} | {_fmt(graph, '.3f')} | {_fmt(graph_frac, '.0f')} "
+            f"| {_fmt(r['x_vs_compile'], '.2f')} | {_fmt(r['x_vs_eager'], '.2f')} | {note} |"
         )
     return "\n".join(head + table) + "\n"
 

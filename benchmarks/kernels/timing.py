@@ -1,5 +1,6 @@
 """Timing, copy bandwidth and the environment record for the kernel benchmark."""
 
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -57,6 +58,23 @@ def _time(fn, device: torch.device, smoke: bool) -> dict:
     return {"ms": statistics.median(times), "ms_p20": min(times), "ms_p80": max(times)}
 
 
+def _graph_time(fn) -> dict:
+    """The same call captured in a CUDA graph and replayed: device time without the host's launch cost
+    (dispatch, checks, Triton's launcher), which is what a compiled, graphed training step pays. A call that
+    cannot be captured gets NaN and the reason, not a crash."""
+    import triton.testing
+
+    try:
+        median, low, high = triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"graph_ms": median, "graph_ms_p20": low, "graph_ms_p80": high, "graph_error": ""}
+    except Exception as exc:  # noqa: BLE001
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+        nan = float("nan")
+        return {"graph_ms": nan, "graph_ms_p20": nan, "graph_ms_p80": nan,
+                "graph_error": f"{type(exc).__name__}: {exc}"[:120]}
+
+
 def copy_bandwidth(device: torch.device, smoke: bool) -> float:
     """The card's measured device-to-device copy bandwidth, GB/s (read + write bytes / time)."""
     numel = (1 << 28) if device.type == "cuda" else (1 << 22)  # 1 GiB on GPU; 16 MiB CPU smoke
@@ -103,6 +121,7 @@ def measure(case, impl, mode: str, smoke: bool) -> dict:
         run = {"fwd": forward, "bwd": backward, "fwd+bwd": both}[mode]
         result = _time(run, device, smoke)
         if device.type == "cuda":
+            result.update(_graph_time(run))
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
