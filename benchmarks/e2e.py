@@ -142,7 +142,7 @@ def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, sdpa: str
     return step
 
 
-def count_step(spec: tuple, name: str, state: dict, imgs: torch.Tensor, args) -> tuple[common.FlopCount, dict]:
+def count_step(spec: Variant, name: str, state: dict, imgs: torch.Tensor, args) -> tuple[common.FlopCount, dict]:
     """One eager forward+backward (no optimizer) of the model `spec` describes: counted FLOPs; in --count-only
     mode also the activation bytes saved for backward at batch N and 2N, split into per image and fixed."""
     model, _ = build(Variant(reference=spec.reference), name, state, imgs.device, lr=0.0, backend=args.backend)

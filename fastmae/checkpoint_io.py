@@ -15,6 +15,7 @@ the full model, and checking that names and shapes fit the model asked for.
 
 import argparse
 import glob
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -101,6 +102,24 @@ def resolve_deepspeed_dir(path: str, tag: str | None = None) -> tuple[str, str] 
     return None
 
 
+def read_run_meta(path: str, tag: str | None = None) -> dict:
+    """What the fastmae run recorded about its model in a checkpoint's COMPLETE marker ({"name",
+    "norm_pix_loss", "input_size"}); {} for files, foreign checkpoints and checkpoints from before it did."""
+    found = resolve_deepspeed_dir(path, tag) if os.path.isdir(path) else None
+    if found is None:
+        return {}
+    try:
+        with open(os.path.join(*found, "COMPLETE")) as f:  # fastmae.train.checkpoint.COMPLETE
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return dict(meta.get("model") or {}) if isinstance(meta, dict) else {}
+
+
+def _to_fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
 def consolidate_deepspeed(root: str, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 weights of a DeepSpeed checkpoint: merged from the ZeRO optimizer partitions when there
     are any (stages 1-3; the fp32 masters), else the `module` of the model-states file (stage 0)."""
@@ -112,13 +131,13 @@ def consolidate_deepspeed(root: str, tag: str) -> dict[str, torch.Tensor]:
             sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
         except Exception as e:  # noqa: BLE001 - deepspeed raises bare ValueError/KeyError/...
             raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {folder}: {type(e).__name__}: {e}") from e
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        return _to_fp32(sd)
     model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
     if not os.path.isfile(model_file):
         raise CheckpointError(f"DeepSpeed checkpoint {folder} has no optimizer partitions and no mp_rank_00_model_states.pt")
     # DeepSpeed's own files pickle its config objects; they come from the user's own run.
     obj = torch.load(model_file, map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in _unwrap(obj, model_file).items()}
+    return _to_fp32(_unwrap(obj, model_file))
 
 
 def read_state_dict(path: str, tag: str | None = None, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -234,15 +253,31 @@ def load_mae(
 ) -> tuple[nn.Module, str]:
     """A fastmae MAE built for `model_name` (guessed from the checkpoint when None) with the checkpoint's
     `part` weights loaded; returns (model, model_name). With part="encoder" the decoder stays at init."""
+    sd = read_state_dict(path, tag=tag, trust=trust)
+    return mae_from_state_dict(sd, path, model_name, part, read_run_meta(path, tag), **model_overrides)
+
+
+def mae_from_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    source: str,
+    model_name: str | None = None,
+    part: str = "full",
+    meta: Mapping | None = None,
+    **model_overrides,
+) -> tuple[nn.Module, str]:
+    """load_mae for a state dict already read: the model name comes from the argument, else the run's
+    record (`meta`, see read_run_meta), else the shapes; the run's input size unless overridden."""
     from fastmae.models.registry import create_model
 
-    sd = read_state_dict(path, tag=tag, trust=trust)
+    meta = meta or {}
     if model_name is None:
-        model_name = guess_model_name(sd)
+        model_name = meta.get("name") or guess_model_name(sd)
         if model_name is None:
-            raise CheckpointError(f"cannot tell which model {path} is for; pass --model (one of the registered names)")
+            raise CheckpointError(f"cannot tell which model {source} is for; pass --model (one of the registered names)")
+    if meta.get("input_size") and "img_size" not in model_overrides:  # the run's grid, not the registry default
+        model_overrides["img_size"] = meta["input_size"]
     model = create_model(model_name, **model_overrides)
-    load_weights(model, sd, part, model_name, source=path)
+    load_weights(model, sd, part, model_name, source=source)
     return model, model_name
 
 

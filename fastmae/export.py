@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from fastmae.checkpoint_io import CheckpointError, describe, guess_model_name, load_weights, read_state_dict, select
-from fastmae.models.registry import ALIASES, create_model, model_config, model_names
+from fastmae.checkpoint_io import CheckpointError, describe, mae_from_state_dict, read_run_meta, read_state_dict, select
+from fastmae.models.registry import ALIASES, model_config, model_names
 
 TIMM_NAMES = {
     "mae_vit_base_patch16_dec512d8b": "vit_base_patch16_224",
@@ -120,11 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sd = read_state_dict(args.checkpoint, tag=args.tag, trust=args.trust_checkpoint)
-        name = args.model or guess_model_name(sd)
-        if name is None:
-            raise CheckpointError(f"cannot tell which model {args.checkpoint} is for; pass --model")
-        model = create_model(name)  # the reference shapes; also proves the weights load into fastmae
-        load_weights(model, sd, "full" if args.full else "encoder", name, source=args.checkpoint)
+        # building the model proves the weights load into fastmae (every key, every shape)
+        model, name = mae_from_state_dict(sd, args.checkpoint, args.model, "full" if args.full else "encoder",
+                                          read_run_meta(args.checkpoint, args.tag))
     except (CheckpointError, ValueError) as e:
         print(f"fastmae.export: error: {e}", file=sys.stderr)
         return 2

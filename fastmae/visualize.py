@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, UnidentifiedImageError
 
-from fastmae.checkpoint_io import CheckpointError, load_mae
+from fastmae.checkpoint_io import CheckpointError, load_mae, read_run_meta
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.procedural import ProceduralImages
 from fastmae.models.registry import model_names
@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_images", type=int, default=4, help="rows in the grid")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask (and of the procedural images)")
-    p.add_argument("--norm_pix_loss", action="store_true",
-                   help="the model was pretrained with --norm_pix_loss (predictions are per-patch normalised)")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model was pretrained with --norm_pix_loss (predictions are per-patch normalised); "
+                        "default: what a fastmae checkpoint recorded, else off")
     p.add_argument("--scale", type=int, default=None, help="integer upsampling of each tile (default: ~128 px tiles)")
     p.add_argument("--output", default="reconstruction.png", help="PNG path to write")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,8 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        norm_pix = args.norm_pix_loss
+        if norm_pix is None:
+            norm_pix = bool(read_run_meta(args.checkpoint, args.tag).get("norm_pix_loss", False))
         model, name = load_mae(args.checkpoint, args.model, part="full", tag=args.tag, trust=args.trust_checkpoint,
-                               norm_pix_loss=args.norm_pix_loss)
+                               norm_pix_loss=norm_pix)
         imgs = load_images(args.images, args.num_images, model.patch_embed.img_size[0], args.seed)
     except (CheckpointError, ValueError) as e:
         print(f"fastmae.visualize: error: {e}", file=sys.stderr)
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     path = save_reconstruction_grid(model, imgs, args.output, mask_ratio=args.mask_ratio, seed=args.seed,
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=args.scale)
     print(f"wrote {path}: {imgs.shape[0]} images x (original | masked | reconstruction | reconstruction + visible), "
-          f"{name}, mask ratio {args.mask_ratio}")
+          f"{name}, mask ratio {args.mask_ratio}, norm_pix_loss {norm_pix}")
     return 0
 
 

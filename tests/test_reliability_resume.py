@@ -66,6 +66,11 @@ def test_preempt_then_resume_is_exact(tmp, reference):
     assert len(saved) == 1 and 2 <= saved[0][0] < STEPS, saved
     stopped_at = saved[0][0]
     assert max(L.read_steps(out)) == stopped_at
+    # the checkpoint says how its model was trained, for the tools that read it later
+    from fastmae.checkpoint_io import read_run_meta
+
+    assert read_run_meta(saved[0][1]) == {"name": "mae_vit_tiny_patch4_dec64d2b", "norm_pix_loss": False,
+                                          "input_size": 32}
 
     code, log = L.run([*args, "--resume", "auto"], 2, tmp_dir=tmp)
     assert code == 0, log[-3000:]

@@ -59,3 +59,41 @@ def test_encoder_only_checkpoint_is_refused(tmp_path, capsys):
     rc = visualize.main(["--checkpoint", str(tmp_path / "enc.pth"), "--output", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "no decoder" in err and not (tmp_path / "x.png").exists()
+
+
+def _fake_zero0_checkpoint(root, state: dict, meta: dict | None):
+    """The layout fastmae's trainer leaves at ZeRO stage 0: <root>/latest, <root>/<tag>/mp_rank_00_model_states.pt
+    and the COMPLETE marker carrying the run's model record."""
+    import json
+
+    folder = root / "step_00000007"
+    folder.mkdir(parents=True)
+    torch.save({"module": state}, folder / "mp_rank_00_model_states.pt")
+    (folder / "COMPLETE").write_text(json.dumps({"step": 7, **({"model": meta} if meta is not None else {})}))
+    (root / "latest").write_text("step_00000007\n")
+
+
+@pytest.mark.parametrize("recorded, flag, expected", [
+    (True, [], True),  # no flag: what the run recorded
+    (True, ["--no-norm_pix_loss"], False),  # an explicit flag wins
+    (None, [], False),  # a checkpoint from before the record: off, as before
+])
+def test_norm_pix_loss_comes_from_the_checkpoint(tmp_path, capsys, recorded, flag, expected):
+    from fastmae.checkpoint_io import read_run_meta
+
+    torch.manual_seed(0)
+    meta = None if recorded is None else {"name": TINY, "norm_pix_loss": recorded, "input_size": 32}
+    _fake_zero0_checkpoint(tmp_path / "ckpt", create_model(TINY).state_dict(), meta)
+    assert read_run_meta(str(tmp_path / "ckpt")) == (meta or {})
+    out = tmp_path / "grid.png"
+    assert visualize.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(out), "--num_images", "2",
+                           *flag]) == 0
+    assert f"norm_pix_loss {expected}" in capsys.readouterr().out
+    width, height = Image.open(out).size
+    assert (width, height) == _expected_size(2, (height - _GAP) // 2 - _GAP)  # 2 rows, 4 columns
+
+
+def test_run_meta_of_a_plain_file_is_empty(full_ckpt):
+    from fastmae.checkpoint_io import read_run_meta
+
+    assert read_run_meta(str(full_ckpt)) == {}

@@ -123,8 +123,10 @@ def _enough_space(root: str) -> str | None:
 
 
 def save(engine, output_dir: str, step: int, trainer_state: dict, rank: int, *, keep_last: int,
-         fault_disk_full: bool = False) -> str:
-    """Writes checkpoint `step` on every rank (collective); returns its folder or raises CheckpointError."""
+         model_meta: dict | None = None, fault_disk_full: bool = False) -> str:
+    """Writes checkpoint `step` on every rank (collective); returns its folder or raises CheckpointError.
+    `model_meta` (model name, norm_pix_loss, input size) goes into the COMPLETE marker, so the tools that
+    read the checkpoint later (visualize, export, linprobe) need not be told how the model was trained."""
     root = root_dir(output_dir)
     tag = tag_for(step)
     tmp, final = os.path.join(root, f".tmp-{tag}"), os.path.join(root, tag)
@@ -156,7 +158,7 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, rank: int, *, 
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"writing checkpoint {tag} failed ({error or 'on another rank'})")
     if rank == 0:
-        meta = {"step": step, "world_size": D.env_world()[2], "time": time.time()}
+        meta = {"step": step, "world_size": D.env_world()[2], "time": time.time(), "model": model_meta or {}}
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             json.dump(meta, f)
             f.flush()

@@ -221,6 +221,8 @@ class Trainer:
                 self.engine, self.cfg.output_dir, prog.step,
                 _trainer_state(prog, self.loader, self.guard, self.dist.world_size), self.dist.rank,
                 keep_last=self.cfg.keep_last, fault_disk_full=prog.step == self.cfg.fault_disk_full_step,
+                model_meta={"name": self.cfg.model, "norm_pix_loss": self.cfg.norm_pix_loss,
+                            "input_size": self.cfg.input_size},
             )
         except ckpt.CheckpointError as e:
             keep = prog.last_saved or "none"
