@@ -183,21 +183,28 @@ class PeakMemory:
     """Peak memory over a `with` block: CUDA allocator peak (bytes) on GPU. On CPU torch keeps no allocator
     statistics, so it reports the process's peak RSS, which only ever grows (an upper bound, labelled)."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, above_current: bool = False):
+        """`above_current`: on CUDA count only what the block adds over what is allocated when it starts
+        (other models kept alive beside it are not its memory)."""
         self.device = torch.device(device)
         self.peak_bytes = 0
+        self.above_current = above_current and self.device.type == "cuda"
+        self.base = 0
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_process_peak_rss"
+        if self.above_current:
+            self.kind += "_above_live_models"
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) if self.above_current else 0
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
             self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 

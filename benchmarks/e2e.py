@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import gc
 import re
+import statistics
 import sys
 import traceback
 from dataclasses import dataclass, replace
@@ -68,7 +69,7 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
-           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels"]
+           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels", "rounds", "round_spread"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,7 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=None, help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--repeat-first", action="store_true",
                    help="time the first variant again after the others (row '<variant>#2'): the run-to-run drift")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="R > 1: keep every variant alive and time them in turn R times (A B C A B C ...), so drift "
+                        "hits all alike; img/s from the median of the round medians, spread reported")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (per round)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
     p.add_argument("--fast-compile-mode", default=None, choices=COMPILE_MODES,
                    help="compile mode of the fast-compiled variant (default: default)")
@@ -101,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         bad = [x for x in (args.models if name == "model" else args.variants) if x not in table]
         if bad:
             p.error(f"unknown {name} {bad}; choose from {', '.join(table)}")
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error("--steps, --warmup and --rounds must be >= 1")
     return args
 
 
@@ -182,7 +186,9 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, out: Path) -> dict:
+def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, out: Path, keep: bool = False):
+    """Builds, times and frees one variant: its row. With `keep` (for --rounds) it returns (row, step or
+    None) and keeps the model alive for more rounds, without profiling or freeing."""
     device = imgs.device
     spec = VARIANTS[variant]
     if variant == "fast-compiled" and args.fast_compile_mode:
@@ -190,7 +196,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
     row = {"variant": variant, "status": "ok", "compile_mode": spec.mode, "grad_ckpt": spec.ckpt,
            "sdpa": spec.sdpa or "default"}
     try:
-        with common.PeakMemory(device) as mem:
+        with common.PeakMemory(device, above_current=keep) as mem:
             model, optimizer = build(spec, name, state, device, args.lr, args.backend)
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
@@ -207,17 +213,60 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             peak_mem_gib=mem.peak_bytes / 2**30,
             peak_mem_kind=mem.kind,
         )
+        if keep:
+            return row, step  # the step's closure holds the model and optimizer
         if args.profile:
             row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{variant}",
                                                     trace=args.trace)
         del model, optimizer, step
-    except torch.OutOfMemoryError:
-        row["status"] = "oom"
     except Exception as exc:  # keep the other variants' numbers; the traceback goes to stderr
-        traceback.print_exc()
-        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        row["status"] = _failure(exc)
+    if keep:
+        return row, None
     free(device)
     return row
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom"
+    traceback.print_exc()
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tensor, args, out: Path, bar) -> list[dict]:
+    """--rounds R: every variant is built and timed once (round 1, which also compiles), then timed R-1 more
+    times in turn (A B C A B C ...), so clock or thermal drift during the run hits every variant alike instead
+    of whichever ran last. img/s comes from the median of the round medians; `round_spread` = (max - min) /
+    median of the round medians. All variants stay in memory together (peak memory counts each one's own)."""
+    device = imgs.device
+    live = []
+    for label in labels:
+        row, step = run_variant(label.split("#")[0], name, state, imgs, args, out, keep=True)
+        row["variant"] = label
+        live.append((row, step, [row["step_ms"]] if step else []))
+        bar.update()
+    for _ in range(args.rounds - 1):
+        for row, step, medians in live:
+            if step is None or row["status"] != "ok":
+                continue
+            try:
+                medians.append(common.time_steps(step, device, warmup=1, iters=args.steps)["median_s"] * 1e3)
+            except Exception as exc:  # noqa: BLE001
+                row["status"] = _failure(exc)
+    for row, step, medians in live:
+        if step is None or row["status"] != "ok":
+            continue
+        ms = statistics.median(medians)
+        row.update(step_ms=ms, img_s=imgs.shape[0] / (ms / 1e3), rounds=len(medians),
+                   round_spread=(max(medians) - min(medians)) / ms, round_ms=[round(m, 3) for m in medians])
+        if args.profile:
+            row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{row['variant']}",
+                                                    trace=args.trace)
+    rows = [row for row, _, _ in live]
+    del live, step  # the steps hold the models and optimizers: drop them before freeing
+    free(device)
+    return rows
 
 
 def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None) -> list[dict]:
@@ -245,12 +294,9 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
         return breakdown
     rows = []
     labels = args.variants + ([f"{args.variants[0]}#2"] if args.repeat_first else [])
-    for label in labels:
-        variant = label.split("#")[0]
-        bar.set_description(f"{key} {label}")
-        row = {"model": key, "model_name": name, "batch": batch, **run_variant(variant, name, state, imgs, args, out)}
-        row["variant"] = label
-        own = flops["ref" if VARIANTS[variant].reference else "fast"]
+    def finish(row: dict, label: str) -> dict:  # FLOP-based columns from the counts above
+        row.update(model=key, model_name=name, batch=batch, variant=label)
+        own = flops["ref" if VARIANTS[label.split("#")[0]].reference else "fast"]
         row["own_gflop_per_img"] = own / 1e9 if own else None
         row["ref_gflop_per_img"] = flops["ref"] / 1e9 if flops["ref"] else None
         if row["status"] == "ok":
@@ -259,7 +305,17 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
             if flops["ref"]:
                 row["effective_tflops"] = flops["ref"] * row["img_s"] / 1e12
                 row["mfu"] = row["effective_tflops"] / peak_tflops
-        rows.append(row)
+        return row
+
+    if args.rounds > 1:
+        bar.set_description(f"{key} {args.rounds} rounds")
+        rows = [finish(row, row["variant"]) for row in run_interleaved(labels, name, state, imgs, args, out, bar)]
+        if on_row is not None:
+            on_row(rows)
+        return rows
+    for label in labels:
+        bar.set_description(f"{key} {label}")
+        rows.append(finish(run_variant(label.split("#")[0], name, state, imgs, args, out), label))
         bar.update()
         if on_row is not None:
             on_row(rows)

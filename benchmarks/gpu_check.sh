@@ -44,10 +44,10 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py
 
 # 3. The training step on ViT-B: fastmae vs the reference, same init, same card, same run, with the controls
-#    that split the gain (benchmarks/NOTES.md §6.2) and the first variant timed again for the drift.
+#    that split the gain (benchmarks/NOTES.md §6.2), timed in 3 interleaved rounds so drift hits all alike.
 #    B/L/H with the plain variants were measured on 2026-11-27 (benchmarks/results/h100-20261127/).
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
-TAIL=16 stage e2e_B 290 "${E2E[@]}" --models B --profile --repeat-first --out "$WORK/e2e_B" \
+TAIL=16 stage e2e_B 290 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
   --variants ref-compiled,fast-compiled,ref-compiled-fusedadamw,fast-compiled-torchops,fast-compiled-flash
 
 # 4. The kernels at ViT-B shapes: eager, torch.compile, Triton, CUDA; eager calls and CUDA-graph replays.

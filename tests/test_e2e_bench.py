@@ -50,11 +50,30 @@ def test_e2e_cpu_tiny_writes_measured_results(tmp_path):
     assert "fastmae / reference" in (tmp_path / "e2e.md").read_text()
 
 
+def test_rounds_interleave_the_variants_and_report_the_spread(tmp_path):
+    """--rounds 3: each variant timed in 3 turns; img/s is batch / the median of the round medians."""
+    import statistics
+
+    assert e2e.main(["--device", "cpu", "--models", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+                     "--variants", "ref-eager,fast-eager", "--rounds", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["ref-eager", "fast-eager"]
+    for row in rows:
+        assert row["status"] == "ok" and row["rounds"] == 3 and len(row["round_ms"]) == 3
+        assert all(ms > 0 for ms in row["round_ms"])
+        median = statistics.median(row["round_ms"])
+        assert row["img_s"] == pytest.approx(4 / (median / 1e3), rel=1e-3)  # round_ms is rounded to 1 us
+        assert row["round_spread"] == pytest.approx((max(row["round_ms"]) - min(row["round_ms"])) / median, rel=1e-3)
+        assert row["own_tflops"] > 0 and row["mfu"] > 0
+
+
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(SystemExit):
         e2e.parse_args(["--models", "gigantic"])
     with pytest.raises(SystemExit):
         e2e.parse_args(["--variants", "fast-turbo"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--rounds", "0"])
 
 
 def test_ratios_pair_the_right_variants():
