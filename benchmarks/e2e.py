@@ -14,7 +14,6 @@ FLOPs are counted with torch.utils.flop_counter over one forward+backward (the o
 """
 
 import argparse
-import contextlib
 import gc
 import re
 import statistics
@@ -110,6 +109,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class SdpaBackend(torch.nn.Module):
+    """Runs the wrapped model under one SDPA backend, with the context *inside* the module, so torch.compile
+    traces it: a compiled graph fixes its attention kernel when it is traced, and a context entered around a
+    call to an already-compiled model would not reach it."""
+
+    def __init__(self, model: torch.nn.Module, sdpa: str):
+        super().__init__()
+        self.inner, self.sdpa = model, sdpa
+
+    def forward(self, *args):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[self.sdpa])):
+            return self.inner(*args)
+
+
 def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
     model = create_model(name, reference=spec.reference, **({} if spec.reference else {"backend": spec.backend or backend}))
     if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
@@ -120,24 +135,24 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
             model.compile(mode=spec.mode)
         optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "torch-foreach")
     else:
-        optimize_model(model, compile=spec.mode is not None, mode=spec.mode or "default", grad_checkpointing=spec.ckpt)
+        compile_here = spec.mode is not None and spec.sdpa is None
+        optimize_model(model, compile=compile_here, mode=spec.mode or "default", grad_checkpointing=spec.ckpt)
         optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "auto")
+        if spec.sdpa is not None:
+            backend_name = model.backend
+            model = SdpaBackend(model, spec.sdpa)
+            model.backend = backend_name
+            if spec.mode is not None:
+                model.compile(mode=spec.mode, fullgraph=True)  # a graph break at the context: an error, not a mislabel
     return model, optimizer
 
 
-def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, sdpa: str | None = None):
+def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float):
     autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16)
-
-    def attention_backend():
-        if sdpa is None:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[sdpa]))
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with autocast, attention_backend():
+        with autocast:
             loss = model(imgs, mask_ratio)[0]
         loss.backward()
         optimizer.step()
@@ -201,7 +216,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
-            step = make_step(model, optimizer, imgs, args.mask_ratio, spec.sdpa)
+            step = make_step(model, optimizer, imgs, args.mask_ratio)
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
         row.update(

@@ -49,6 +49,7 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     (out_dir / f"{tag}.top.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40))
     totals: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list] = defaultdict(list)
     for event in prof.key_averages():
         if device.type == "cuda":
             t = event.self_device_time_total
@@ -59,7 +60,12 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
             if not event.key.startswith("aten::") or t <= 0:
                 continue
         totals[category(event.key)] += t
+        kernels[category(event.key)].append((event.key, t))
     total = sum(totals.values()) or 1.0
     shares = {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     (out_dir / f"{tag}.categories.json").write_text(json.dumps(shares, indent=2) + "\n")
+    # which kernels each category is (e.g. cuDNN vs flash attention): names and us per profiled step, top 8
+    top = {k: [[name, round(t / steps, 1)] for name, t in sorted(v, key=lambda kv: -kv[1])[:8]]
+           for k, v in kernels.items()}
+    (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
     return shares

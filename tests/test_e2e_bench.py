@@ -112,7 +112,7 @@ def test_control_variants_build_what_they_say(variant, reference, adamw, backend
     assert hasattr(model, "backend") != reference and getattr(model, "backend", None) == backend
 
 
-def test_sdpa_variant_runs_a_step_under_the_forced_backend(monkeypatch):
+def test_sdpa_variant_runs_each_forward_under_the_forced_backend(monkeypatch):
     import torch
     import torch.nn.attention as attention
 
@@ -124,14 +124,18 @@ def test_sdpa_variant_runs_a_step_under_the_forced_backend(monkeypatch):
         return real(backends, *args, **kwargs)
 
     monkeypatch.setattr(attention, "sdpa_kernel", spy)
-    spec = e2e.VARIANTS["fast-compiled-flash"]
-    model, optimizer = e2e.build(e2e.Variant(reference=False), "mae_vit_tiny_patch4_dec64d2b", None,
-                                 torch.device("cpu"), lr=1e-3, backend="torch")
-    step = e2e.make_step(model, optimizer, torch.randn(2, 3, 32, 32), 0.75, sdpa=spec.sdpa)
-    assert torch.isfinite(step())
-    assert entered == [attention.SDPBackend.FLASH_ATTENTION]
-    e2e.make_step(model, optimizer, torch.randn(2, 3, 32, 32), 0.75)()  # default: torch picks, no context
-    assert len(entered) == 1
+    spec = e2e.Variant(reference=False, sdpa="flash")  # fast-compiled-flash without the compile (CPU test)
+    assert e2e.VARIANTS["fast-compiled-flash"] == e2e.Variant(reference=False, mode="default", sdpa="flash")
+    model, optimizer = e2e.build(spec, "mae_vit_tiny_patch4_dec64d2b", None, torch.device("cpu"), lr=1e-3,
+                                 backend="auto")
+    assert isinstance(model, e2e.SdpaBackend) and model.backend == "torch"
+    step = e2e.make_step(model, optimizer, torch.randn(2, 3, 32, 32), 0.75)
+    assert torch.isfinite(step()) and torch.isfinite(step())
+    assert entered == [attention.SDPBackend.FLASH_ATTENTION] * 2  # inside the module: every forward
+    plain, optimizer = e2e.build(e2e.Variant(reference=False), "mae_vit_tiny_patch4_dec64d2b", None,
+                                 torch.device("cpu"), lr=1e-3, backend="auto")
+    e2e.make_step(plain, optimizer, torch.randn(2, 3, 32, 32), 0.75)()  # default: torch picks, no context
+    assert len(entered) == 2
 
 
 def test_count_flops_counts_cpu_attention():

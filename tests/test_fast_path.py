@@ -146,3 +146,26 @@ def test_compiled_step_matches_eager():
     before = compiled.blocks[0].attn.qkv.weight.detach().clone()
     opt.step()
     assert not torch.equal(before, compiled.blocks[0].attn.qkv.weight)
+
+
+def test_fresh_process_auto_backend_compiles_without_graph_breaks():
+    """In a fresh process (no backend module imported yet) "auto" resolved by optimize_model must not leave
+    the backend's import to the first call, inside the trace, where fullgraph=True makes it an error.
+    Other tests import the modules first, so this one runs in its own interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from fastmae.models import create_model\n"
+        "from fastmae.speed import optimize_model\n"
+        "m = create_model('mae_vit_tiny_patch4_dec64d2b')\n"  # backend 'auto', the trainer's default
+        "optimize_model(m, compile=False)\n"
+        "m.compile(backend='eager', fullgraph=True)\n"  # dynamo only: any graph break raises
+        "loss = m(torch.randn(2, 3, 32, 32), 0.75)[0]\n"
+        "loss.backward()\n"
+        "print('ok', m.backend, float(loss))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok torch ")

@@ -51,6 +51,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         # On CPU, Triton is its interpreter (a test tool, far slower than torch): auto never picks it there.
         chosen = "torch" if device.type == "cpu" else available_backends(device)[0]
+        _load(chosen)  # imported now, not lazily on the first op call, which may be inside torch.compile's trace
         if (device.type, chosen) not in _auto_logged:
             _auto_logged.add((device.type, chosen))
             log.info("fastmae_kernels: backend 'auto' chose '%s' on %s", chosen, device.type)
