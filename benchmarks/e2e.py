@@ -61,6 +61,7 @@ VARIANTS = {
     # Controls that split fastmae's gain into its parts (benchmarks/NOTES.md §6.2):
     "ref-compiled-fusedadamw": Variant(reference=True, mode="default", adamw="auto"),  # only the optimizer differs
     "fast-compiled-torchops": Variant(reference=False, mode="default", backend="torch"),  # Inductor fuses the MAE ops
+    "fast-compiled-triton": Variant(reference=False, mode="default", backend="triton"),  # when no CUDA extension
     "fast-compiled-flash": Variant(reference=False, mode="default", sdpa="flash"),
 }
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
