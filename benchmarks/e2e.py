@@ -69,7 +69,8 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
-           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels", "rounds", "round_spread"]
+           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels",
+           "rounds", "round_spread"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,7 +128,8 @@ class SdpaBackend(torch.nn.Module):
 
 
 def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
-    model = create_model(name, reference=spec.reference, **({} if spec.reference else {"backend": spec.backend or backend}))
+    kwargs = {} if spec.reference else {"backend": spec.backend or backend}
+    model = create_model(name, reference=spec.reference, **kwargs)
     if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
         model.load_state_dict(state, strict=True)  # the same initial weights on every side
     model.to(device).train()
@@ -144,7 +146,7 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
             model = SdpaBackend(model, spec.sdpa)
             model.backend = backend_name
             if spec.mode is not None:
-                model.compile(mode=spec.mode, fullgraph=True)  # a graph break at the context: an error, not a mislabel
+                model.compile(mode=spec.mode, fullgraph=True)  # a graph break: an error, not a mislabelled row
     return model, optimizer
 
 

@@ -273,7 +273,8 @@ def mae_from_state_dict(
     if model_name is None:
         model_name = meta.get("name") or guess_model_name(sd)
         if model_name is None:
-            raise CheckpointError(f"cannot tell which model {source} is for; pass --model (one of the registered names)")
+            raise CheckpointError(f"cannot tell which model {source} is for; "
+                                  "pass --model (one of the registered names)")
     if meta.get("input_size") and "img_size" not in model_overrides:  # the run's grid, not the registry default
         model_overrides["img_size"] = meta["input_size"]
     model = create_model(model_name, **model_overrides)
