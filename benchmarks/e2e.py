@@ -277,7 +277,7 @@ def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tenso
             continue
         ms = statistics.median(medians)
         row.update(step_ms=ms, img_s=imgs.shape[0] / (ms / 1e3), rounds=len(medians),
-                   round_spread=(max(medians) - min(medians)) / ms, round_ms=[round(m, 3) for m in medians])
+                   round_spread=(max(medians) - min(medians)) / ms, round_ms=list(medians))
         if args.profile:
             row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{row['variant']}",
                                                     trace=args.trace)

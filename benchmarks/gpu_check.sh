@@ -3,13 +3,14 @@
 # extension, run the GPU test cases, then benchmark the ViT-B training step (with controls) and the kernels.
 # Usage on the device machine (its image has torch + triton + timm, no DeepSpeed or DALI):
 #   bash benchmarks/gpu_check.sh            # results in $OUT (device tool) or benchmarks/results/gpu-<date>
-# Every stage runs under a limit cut to what is left of GPU_CHECK_BUDGET_S (default 560 s; run it with the
-# device tool's timeout_s=600), so one slow stage cannot eat the lease. The benchmarks rewrite their
+# Every stage runs under a limit cut to what is left of GPU_CHECK_BUDGET_S (default 570 s; run it with the
+# device tool's timeout_s=600, and carry [".whl"] after `bash scripts/gpu_wheels.sh` for the trainer stage),
+# so one slow stage cannot eat the lease. The benchmarks rewrite their
 # outputs after every measurement, so a stage cut short keeps what it measured. Output: summary.log and
 # one small tarball (logs, CSV/JSON/MD/PNG, profiler tables; the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUDGET="${GPU_CHECK_BUDGET_S:-560}"
+BUDGET="${GPU_CHECK_BUDGET_S:-570}"
 T0=$(date +%s)
 DEST="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}"
 WORK="$(mktemp -d)/gpu_check"
@@ -43,14 +44,31 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 # 2. The CUDA kernels against the reference (128 GPU cases) and ViT-B parity with the cuda backend in.
 stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py
 
-# 3. The training step on ViT-B: fastmae vs the reference, same init, same card, same run, with the controls
+# 3. The trainer itself on the GPU, which no run had done before: ViT-B, bf16, ZeRO-2, synthetic data, 60
+#    steps with a checkpoint at step 50. Needs DeepSpeed, which the image lacks: `bash scripts/gpu_wheels.sh`
+#    here, then carry .whl in the device call.
+if ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$WORK/wheels.log" 2>&1
+  log "wheels rc=$?"
+  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B 110 torchrun --nproc_per_node 1 fastmae/pretrain.py \
+    --model mae_vit_base_patch16_dec512d8b --loader synthetic --batch_size 256 --num_images 20480 --epochs 2 \
+    --warmup_epochs 1 --max_steps 60 --zero_stage 2 --precision bf16 --log_every 10 --save_every_steps 50 \
+    --output_dir /tmp/pretrain_B  # outside $WORK: its checkpoints (~1.3 GB) must not go into the tarball
+  mkdir -p "$WORK/pretrain_B" && cp /tmp/pretrain_B/*.jsonl /tmp/pretrain_B/*.txt /tmp/pretrain_B/*.png "$WORK/pretrain_B/"
+  ls -laR /tmp/pretrain_B/checkpoints >"$WORK/pretrain_B/checkpoints_listing.txt" 2>&1
+  pack
+else
+  log "skip pretrain_B: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)"
+fi
+
+# 4. The training step on ViT-B: fastmae vs the reference, same init, same card, same run, with the controls
 #    that split the gain (benchmarks/NOTES.md §6.2), timed in 3 interleaved rounds so drift hits all alike.
 #    B/L/H with the plain variants were measured on 2026-11-27 (benchmarks/results/h100-20261127/).
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
-TAIL=16 stage e2e_B 290 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
+TAIL=16 stage e2e_B 250 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
   --variants ref-compiled,fast-compiled,ref-compiled-fusedadamw,fast-compiled-torchops,fast-compiled-flash
 
-# 4. The kernels at ViT-B shapes: eager, torch.compile, Triton, CUDA; eager calls and CUDA-graph replays.
+# 5. The kernels at ViT-B shapes: eager, torch.compile, Triton, CUDA; eager calls and CUDA-graph replays.
 stage kernels_B 130 python -m benchmarks.kernels.run --shapes ViT-B/16 --out "$WORK/kernels"
 
 pack
