@@ -252,18 +252,34 @@ def _failure(exc: Exception) -> str:
     return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tensor, args, out: Path, bar) -> list[dict]:
+def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tensor, args, out: Path, bar,
+                    report=None) -> list[dict]:
     """--rounds R: every variant is built and timed once (round 1, which also compiles), then timed R-1 more
     times in turn (A B C A B C ...), so clock or thermal drift during the run hits every variant alike instead
     of whichever ran last. img/s comes from the median of the round medians; `round_spread` = (max - min) /
-    median of the round medians. All variants stay in memory together (peak memory counts each one's own)."""
+    median of the round medians (the p20/p80 columns are dropped: they would be round 1's alone). All variants
+    stay in memory together (peak memory counts each one's own). `report(rows so far)` after every timing."""
     device = imgs.device
-    live = []
+    live: list[tuple[dict, object, list[float]]] = []  # (row, step or None, round medians in ms)
+
+    def summarise() -> list[dict]:
+        for row, step, medians in live:
+            if step is not None and row["status"] == "ok" and medians:
+                ms = statistics.median(medians)
+                row.update(step_ms=ms, img_s=imgs.shape[0] / (ms / 1e3), rounds=len(medians),
+                           round_spread=(max(medians) - min(medians)) / ms, round_ms=list(medians),
+                           step_ms_p20=None, step_ms_p80=None)
+        rows = [row for row, _, _ in live]
+        if report is not None:
+            report(rows)
+        return rows
+
     for label in labels:
         row, step = run_variant(label.split("#")[0], name, state, imgs, args, out, keep=True)
         row["variant"] = label
-        live.append((row, step, [row["step_ms"]] if step else []))
+        live.append((row, step, [row["step_ms"]] if step is not None else []))
         bar.update()
+        summarise()
     for _ in range(args.rounds - 1):
         for row, step, medians in live:
             if step is None or row["status"] != "ok":
@@ -272,17 +288,14 @@ def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tenso
                 medians.append(common.time_steps(step, device, warmup=1, iters=args.steps)["median_s"] * 1e3)
             except Exception as exc:  # noqa: BLE001
                 row["status"] = _failure(exc)
-    for row, step, medians in live:
-        if step is None or row["status"] != "ok":
-            continue
-        ms = statistics.median(medians)
-        row.update(step_ms=ms, img_s=imgs.shape[0] / (ms / 1e3), rounds=len(medians),
-                   round_spread=(max(medians) - min(medians)) / ms, round_ms=list(medians))
-        if args.profile:
+        summarise()
+    for row, step, _ in live:
+        if args.profile and step is not None and row["status"] == "ok":
             row["profile"] = profiling.profile_step(step, device, 3, out / "profiles", f"{name}-{row['variant']}",
                                                     trace=args.trace)
-    rows = [row for row, _, _ in live]
-    del live, step  # the steps hold the models and optimizers: drop them before freeing
+    rows = summarise()
+    live.clear()  # the steps hold the models and optimizers: drop them before freeing
+    step = None
     free(device)
     return rows
 
@@ -327,10 +340,13 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
 
     if args.rounds > 1:
         bar.set_description(f"{key} {args.rounds} rounds")
-        rows = [finish(row, row["variant"]) for row in run_interleaved(labels, name, state, imgs, args, out, bar)]
-        if on_row is not None:
-            on_row(rows)
-        return rows
+
+        def report(so_far: list[dict]) -> None:
+            if on_row is not None:
+                on_row([finish(row, row["variant"]) for row in so_far])
+
+        return [finish(row, row["variant"]) for row in
+                run_interleaved(labels, name, state, imgs, args, out, bar, report)]
     for label in labels:
         bar.set_description(f"{key} {label}")
         rows.append(finish(run_variant(label.split("#")[0], name, state, imgs, args, out), label))
