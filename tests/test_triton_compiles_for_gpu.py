@@ -20,3 +20,15 @@ def test_all_kernel_variants_compile_for_sm90():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 ok")]
     assert len(lines) == 20, result.stdout
+
+
+def test_row_select_moves_16_bytes_per_access_at_vit_shapes():
+    """Read off the PTX, no GPU: gather_tokens' kernel, specialised as at run time for ViT-B, loads and stores
+    16 bytes per thread access (ld/st.global.v4.b32), as a memory-bound copy should."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "widths", "90"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("sm_90 widths"))
+    assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line

@@ -3,6 +3,8 @@
 The interpreter (the CPU tests) does not type-check like the compiler does; this catches kernels that
 would fail to compile on the card. Run in a process WITHOUT TRITON_INTERPRET (the kernels must be JIT
 functions): `python tests/triton_aot_compile.py [sm]`. Prints one line per variant: registers, spills.
+`python tests/triton_aot_compile.py widths [sm]`: the global access widths of the row-select kernel as the
+launcher specialises it at ViT-B shapes (16-byte accesses are what a memory-bound copy needs).
 """
 
 import os
@@ -87,6 +89,37 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
 
 
+def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: GPUTarget):
+    """Compiled as the launcher's JIT call specialises it for these integer argument `values`: an integer
+    equal to 1 becomes a constant, and pointers and integers divisible by 16 carry Triton's divisibility hint,
+    which is what lets the compiler emit 16-byte accesses."""
+    consts = {**consts, **{name: 1 for name, v in values.items() if v == 1}}
+    signature = {n: "constexpr" if n in consts else (f"*{pointers[n]}" if n in pointers else "i32")
+                 for n in fn.arg_names}
+    hinted = [i for i, n in enumerate(fn.arg_names)
+              if n in pointers or (n in values and n not in consts and values[n] % 16 == 0)]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
+    return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options={"num_warps": 4})
+
+
+def access_widths(ptx: str) -> str:
+    """The global loads and stores of a kernel's PTX by width, e.g. 'ld.global.v4.b32 x12'."""
+    found = re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx)
+    return ", ".join(f"{op} x{found.count(op)}" for op in sorted(set(found)))
+
+
+def widths(arch: int = 90) -> None:
+    """gather_tokens' row-select kernel at ViT-B/16 batch 256 (x [256, 196, 768] bf16 -> [256, 49, 768] fp32,
+    + fp32 positions), specialised as at run time."""
+    n, length, keep, dim = 256, 196, 49, 768
+    values = dict(rows=n * keep, out_len=keep, src_len=length, dim=dim, s_src_n=length * dim, s_src_l=dim,
+                  s_src_d=1, s_idx_n=keep, s_idx_l=1, s_fill_d=1, s_pos_l=dim, s_pos_d=1)
+    ptrs = dict(src_ptr="bf16", idx_ptr="i64", fill_ptr="bf16", pos_ptr="fp32", out_ptr="fp32")
+    consts = dict(HAS_FILL=False, HAS_POS=True, POS_AT_SRC=True, BLOCK_R=16, BLOCK_D=256)
+    kernel = compile_as_launched(_select_rows_kernel, ptrs, consts, values, GPUTarget("cuda", arch, 32))
+    print(f"sm_{arch} widths select_rows (gather_tokens, ViT-B): {access_widths(kernel.asm['ptx'])}")
+
+
 def main(arch: int = 90) -> None:
     target = GPUTarget("cuda", arch, 32)
     for name, fn, ptrs, consts, floats in variants():
@@ -96,4 +129,7 @@ def main(arch: int = 90) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
+    if len(sys.argv) > 1 and sys.argv[1] == "widths":
+        widths(int(sys.argv[2]) if len(sys.argv) > 2 else 90)
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
