@@ -374,6 +374,22 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def step_breakdown(rows: list[dict]) -> str:
+    """Markdown: where each profiled variant's step goes, in ms of kernel time per step by kernel kind, and
+    `busy` = kernel time / measured step time (well below 1: launch gaps, so CUDA graphs can help)."""
+    profiled = [r for r in rows if r.get("status") == "ok" and isinstance(r.get("profile"), dict)]
+    if not profiled:
+        return ""
+    kinds = list(dict.fromkeys(k for r in profiled for k in r["profile"]["shares"]))
+    table = []
+    for r in profiled:
+        ms = r["profile"]["device_ms_per_step"]
+        table.append({"model": r["model"], "variant": r["variant"], "step_ms": r["step_ms"], "kernel_ms": ms,
+                      "busy": ms / r["step_ms"], **{k: r["profile"]["shares"].get(k, 0.0) * ms for k in kinds}})
+    return ("\nWhere the step goes (profiler, ms of kernel time per step by kind; on CPU aten self time):\n\n"
+            + common.markdown_table(table, list(table[0])))
+
+
 def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list[dict], peak: float,
                   quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -387,6 +403,7 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
         + common.markdown_table(rows, COLUMNS)
         + "\nfastmae / reference images/s:\n\n"
         + common.markdown_table(ratio_rows, ["model", "eager", "compiled", "best_vs_ref_compiled", "repeat_drift"])
+        + step_breakdown(rows)
     )
     (out / "e2e.md").write_text(text)
     models = list(dict.fromkeys(r["model"] for r in rows))

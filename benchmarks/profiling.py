@@ -34,8 +34,9 @@ def category(name: str) -> str:
 def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_dir: Path, tag: str,
                  trace: bool = False) -> dict:
     """Profiles `steps` calls of `step` (already warmed up); writes <tag>.top.txt (top ops),
-    <tag>.categories.json, with `trace` also <tag>.trace.json (chrome trace, tens of MB for a ViT-B step),
-    and returns {category: share of device time}."""
+    <tag>.categories.json, <tag>.kernels.json (each category's top kernels), with `trace` also <tag>.trace.json
+    (chrome trace, tens of MB for a ViT-B step). Returns {"shares": {category: share of device time},
+    "device_ms_per_step": summed kernel time per step} (on CPU: summed aten self time)."""
     device = torch.device(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -68,4 +69,4 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
     top = {k: [[name, round(t / steps, 1)] for name, t in sorted(v, key=lambda kv: -kv[1])[:8]]
            for k, v in kernels.items()}
     (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
-    return shares
+    return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3}

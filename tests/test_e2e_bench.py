@@ -55,8 +55,14 @@ def test_rounds_interleave_the_variants_and_report_the_spread(tmp_path):
     import statistics
 
     assert e2e.main(["--device", "cpu", "--models", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
-                     "--variants", "ref-eager,fast-eager", "--rounds", "3", "--out", str(tmp_path)]) == 0
+                     "--variants", "ref-eager,fast-eager", "--rounds", "3", "--profile", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    # --profile: each variant's kernel (here aten) time per step, split by kind, in the markdown too
+    for row in rows:
+        assert row["profile"]["device_ms_per_step"] > 0
+        assert sum(row["profile"]["shares"].values()) == pytest.approx(1.0)
+    assert "Where the step goes" in (tmp_path / "e2e.md").read_text()
+    assert (tmp_path / "profiles" / "mae_vit_tiny_patch4_dec64d2b-fast-eager.kernels.json").is_file()
     assert [r["variant"] for r in rows] == ["ref-eager", "fast-eager"]
     for row in rows:
         assert row["status"] == "ok" and row["rounds"] == 3 and len(row["round_ms"]) == 3
