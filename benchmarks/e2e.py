@@ -384,9 +384,13 @@ def step_breakdown(rows: list[dict]) -> str:
     table = []
     for r in profiled:
         ms = r["profile"]["device_ms_per_step"]
+        spans = r["profile"].get("annotation_spans_ms", {})
+        optimizer_span = next((v for k, v in spans.items() if k.startswith("Optimizer.step")), None)
         table.append({"model": r["model"], "variant": r["variant"], "step_ms": r["step_ms"], "kernel_ms": ms,
-                      "busy": ms / r["step_ms"], **{k: r["profile"]["shares"].get(k, 0.0) * ms for k in kinds}})
-    return ("\nWhere the step goes (profiler, ms of kernel time per step by kind; on CPU aten self time):\n\n"
+                      "busy": ms / r["step_ms"], **{k: r["profile"]["shares"].get(k, 0.0) * ms for k in kinds},
+                      "optimizer_span_ms": optimizer_span})
+    return ("\nWhere the step goes (profiler, ms of kernel time per step by kind; on CPU aten self time). "
+            "optimizer_span_ms: the optimizer step's span on the GPU timeline, launch gaps included:\n\n"
             + common.markdown_table(table, list(table[0])))
 
 

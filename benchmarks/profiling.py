@@ -35,8 +35,9 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
                  trace: bool = False) -> dict:
     """Profiles `steps` calls of `step` (already warmed up); writes <tag>.top.txt (top ops),
     <tag>.categories.json, <tag>.kernels.json (each category's top kernels), with `trace` also <tag>.trace.json
-    (chrome trace, tens of MB for a ViT-B step). Returns {"shares": {category: share of device time},
-    "device_ms_per_step": summed kernel time per step} (on CPU: summed aten self time)."""
+    (chrome trace, tens of MB for a ViT-B step). Returns {"shares": {category: share of kernel time},
+    "device_ms_per_step": summed kernel time per step (on CPU: summed aten self time), "annotation_spans_ms":
+    {range name: its span on the GPU timeline per step} (e.g. the optimizer step, gaps included)}."""
     device = torch.device(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -51,11 +52,18 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
     (out_dir / f"{tag}.top.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40))
     totals: dict[str, float] = defaultdict(float)
     kernels: dict[str, list] = defaultdict(list)
+    spans: dict[str, float] = {}
     for event in prof.key_averages():
         if device.type == "cuda":
             t = event.self_device_time_total
             if t <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
                 continue  # only kernels: host-side ops would double count
+            if getattr(event, "is_user_annotation", False):
+                # A record_function range drawn on the GPU timeline (e.g. "Optimizer.step#AdamW.step"): its
+                # "time" is the span from its first to its last kernel, gaps included, and those kernels are
+                # counted on their own too. Kept apart: a span far above its kernels' time means launch gaps.
+                spans[event.key] = t / steps / 1e3
+                continue
         else:
             t = event.self_cpu_time_total
             if not event.key.startswith("aten::") or t <= 0:
@@ -69,4 +77,4 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
     top = {k: [[name, round(t / steps, 1)] for name, t in sorted(v, key=lambda kv: -kv[1])[:8]]
            for k, v in kernels.items()}
     (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
-    return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3}
+    return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3, "annotation_spans_ms": spans}
