@@ -71,5 +71,8 @@ TAIL=16 stage e2e_B 250 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK
 # 5. The kernels at ViT-B shapes: eager, torch.compile, Triton, CUDA; eager calls and CUDA-graph replays.
 stage kernels_B 130 python -m benchmarks.kernels.run --shapes ViT-B/16 --out "$WORK/kernels"
 
+# 6. If time is left: ViT-H eager, both sides in 3 rounds with a profile (the 0.966x of 2026-11-27 is unexplained).
+TAIL=12 stage e2e_H 90 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
+
 pack
 log "done: $DEST/gpu_check.tgz"
