@@ -36,12 +36,13 @@ def timm_name(model_name: str) -> str | None:
     return TIMM_NAMES.get(ALIASES.get(model_name, model_name))
 
 
-def timm_kwargs(model_name: str) -> dict:
+def timm_kwargs(model_name: str, img_size: int | None = None) -> dict:
     """Arguments for `timm.models.vision_transformer.VisionTransformer` giving this model's encoder
-    (token pooling, no head; timm's LayerNorm eps 1e-6 matches the MAE's)."""
+    (token pooling, no head; timm's LayerNorm eps 1e-6 matches the MAE's), at `img_size` if the run used
+    another input size than the registry's."""
     cfg = model_config(model_name)
     return dict(
-        img_size=cfg.get("img_size", 224),
+        img_size=img_size or cfg.get("img_size", 224),
         patch_size=cfg["patch_size"],
         in_chans=cfg.get("in_chans", 3),
         embed_dim=cfg["embed_dim"],
@@ -60,14 +61,17 @@ def export_state_dict(sd: dict[str, torch.Tensor], full: bool) -> dict[str, torc
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in chosen.items()}
 
 
-def save_timm(path: str, sd: dict[str, torch.Tensor], model_name: str) -> None:
+def save_timm(path: str, sd: dict[str, torch.Tensor], model_name: str, img_size: int | None = None) -> None:
     from safetensors.torch import save_file
 
+    kwargs = timm_kwargs(model_name, img_size)
+    # timm's named models are 224 px: at another input size (another position table) the kwargs describe it
+    same_size = kwargs["img_size"] == model_config(model_name).get("img_size", 224)
     meta = {
         "format": "timm.VisionTransformer",
         "fastmae_model": model_name,
-        "timm_model": timm_name(model_name) or "",
-        "timm_kwargs": json.dumps(timm_kwargs(model_name)),
+        "timm_model": (timm_name(model_name) or "") if same_size else "",
+        "timm_kwargs": json.dumps(kwargs),
     }
     save_file(export_state_dict(sd, full=False), path, metadata=meta)
 
@@ -130,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"read {args.checkpoint}: {describe(sd)}; model {name}")
     if args.timm:
         _makedirs_for(args.timm)
-        save_timm(args.timm, weights, name)
-        print(f"wrote {args.timm} (timm {timm_name(name) or 'VisionTransformer(**metadata timm_kwargs)'}, num_classes=0)")
+        img_size = model.patch_embed.img_size[0]
+        save_timm(args.timm, weights, name, img_size)
+        shown = timm_name(name) if img_size == model_config(name).get("img_size", 224) else None
+        print(f"wrote {args.timm} (timm {shown or 'VisionTransformer(**metadata timm_kwargs)'}, {img_size} px, "
+              "num_classes=0)")
     if args.mae:
         _makedirs_for(args.mae)
         save_mae(args.mae, weights, name, full=args.full)

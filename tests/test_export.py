@@ -222,3 +222,24 @@ def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
         read_state_dict(str(tmp_path / "folder"))
+
+
+def test_export_keeps_the_runs_input_size(tmp_path):
+    """A fastmae checkpoint from a run at another input size (its COMPLETE record says 64 px for the 32 px tiny
+    model): export builds that grid, and the timm export loads strictly into a VisionTransformer of that size."""
+    import json
+
+    torch.manual_seed(0)
+    model = create_model(TINY, img_size=64)
+    folder = tmp_path / "ckpt" / "step_00000003"
+    folder.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, folder / "mp_rank_00_model_states.pt")
+    (folder / "COMPLETE").write_text(json.dumps({"step": 3, "model": {"name": TINY, "input_size": 64}}))
+    (tmp_path / "ckpt" / "latest").write_text("step_00000003\n")
+    out = tmp_path / "enc.safetensors"
+    assert export.main([str(tmp_path / "ckpt"), "--timm", str(out)]) == 0
+    timm_model = export.timm_model_from_export(str(out))
+    assert timm_model.patch_embed.img_size == (64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.isfinite(timm_model(x)).all()
