@@ -120,6 +120,10 @@ class SdpaBackend(torch.nn.Module):
         super().__init__()
         self.inner, self.sdpa = model, sdpa
 
+    @property
+    def backend(self) -> str:  # the wrapped model's kernels backend, for the row's `kernels` column
+        return self.inner.backend
+
     def forward(self, *args):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -142,9 +146,7 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
         optimize_model(model, compile=compile_here, mode=spec.mode or "default", grad_checkpointing=spec.ckpt)
         optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "auto")
         if spec.sdpa is not None:
-            backend_name = model.backend
             model = SdpaBackend(model, spec.sdpa)
-            model.backend = backend_name
             if spec.mode is not None:
                 model.compile(mode=spec.mode, fullgraph=True)  # a graph break: an error, not a mislabelled row
     return model, optimizer

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from fastmae.train.checkpoint import COMPLETE
+
 log = logging.getLogger("fastmae.checkpoint_io")
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -109,7 +111,7 @@ def read_run_meta(path: str, tag: str | None = None) -> dict:
     if found is None:
         return {}
     try:
-        with open(os.path.join(*found, "COMPLETE")) as f:  # fastmae.train.checkpoint.COMPLETE
+        with open(os.path.join(*found, COMPLETE)) as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return {}

@@ -19,7 +19,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, UnidentifiedImageError
 
-from fastmae.checkpoint_io import CheckpointError, load_mae, read_run_meta
+from fastmae.checkpoint_io import CheckpointError, mae_from_state_dict, read_run_meta, read_state_dict
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.procedural import ProceduralImages
 from fastmae.models.registry import model_names
@@ -92,11 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        norm_pix = args.norm_pix_loss
-        if norm_pix is None:
-            norm_pix = bool(read_run_meta(args.checkpoint, args.tag).get("norm_pix_loss", False))
-        model, name = load_mae(args.checkpoint, args.model, part="full", tag=args.tag, trust=args.trust_checkpoint,
-                               norm_pix_loss=norm_pix)
+        sd = read_state_dict(args.checkpoint, tag=args.tag, trust=args.trust_checkpoint)
+        meta = read_run_meta(args.checkpoint, args.tag)  # read once: the flag's default and the model's record
+        norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(meta.get("norm_pix_loss", False))
+        model, name = mae_from_state_dict(sd, args.checkpoint, args.model, "full", meta, norm_pix_loss=norm_pix)
         imgs = load_images(args.images, args.num_images, model.patch_embed.img_size[0], args.seed)
     except (CheckpointError, ValueError) as e:
         print(f"fastmae.visualize: error: {e}", file=sys.stderr)

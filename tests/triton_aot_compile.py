@@ -29,7 +29,8 @@ from fastmae_kernels.triton_ops.masked_mse_loss import _finish_kernel, _mse_rows
 from fastmae_kernels.triton_ops.random_masking import _invert_kernel  # noqa: E402
 
 
-def compile_variant(fn, pointers: dict, consts: dict, target: GPUTarget, floats=(), num_warps: int = 4):
+def compile_variant(fn, pointers: dict, consts: dict, target: GPUTarget, floats=(), num_warps: int = 4,
+                    attrs: dict | None = None):
     signature = {}
     for name in fn.arg_names:
         if name in consts:
@@ -39,7 +40,7 @@ def compile_variant(fn, pointers: dict, consts: dict, target: GPUTarget, floats=
         else:
             signature[name] = "fp32" if name in floats else "i32"
     options = {"num_warps": num_warps}
-    return triton.compile(ASTSource(fn, signature, consts), target=target, options=options)
+    return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=options)
 
 
 def variants():
@@ -94,12 +95,10 @@ def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: 
     equal to 1 becomes a constant, and pointers and integers divisible by 16 carry Triton's divisibility hint,
     which is what lets the compiler emit 16-byte accesses."""
     consts = {**consts, **{name: 1 for name, v in values.items() if v == 1}}
-    signature = {n: "constexpr" if n in consts else (f"*{pointers[n]}" if n in pointers else "i32")
-                 for n in fn.arg_names}
     hinted = [i for i, n in enumerate(fn.arg_names)
               if n in pointers or (n in values and n not in consts and values[n] % 16 == 0)]
     attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
-    return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options={"num_warps": 4})
+    return compile_variant(fn, pointers, consts, target, attrs=attrs)
 
 
 def access_widths(ptx: str) -> str:
