@@ -7,6 +7,8 @@
 
 Exit codes: 0 done or preempted (checkpoint written), 2 bad input (one line, before anything is built),
 3 too many consecutive NaN/Inf steps, 4 a checkpoint could not be written (previous ones intact).
+Under torchrun a non-zero code from one rank makes the agent SIGTERM the others; every rank has passed a
+final barrier by then, so nothing is lost (docs/reliability.md, "Exit").
 See docs/training.md and docs/reliability.md.
 """
 
@@ -38,13 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     from fastmae.train.loop import run
 
     try:
-        return run(cfg, dist, preempt)
-    finally:
-        import torch.distributed as tdist
+        code = run(cfg, dist, preempt)
+    except BaseException:
+        D.finish_distributed(wait_for_peers=False)  # the other ranks may never reach a barrier
+        raise
+    D.finish_distributed(wait_for_peers=True)  # tear the process group down while the interpreter is whole
+    return code
 
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+
+def exit_without_finalizing(code: int) -> None:
+    """Flush and leave with `code`, skipping interpreter finalization: objects DeepSpeed still holds (its
+    process groups, gloo's finished async work holding tensors) would otherwise be destroyed while the
+    interpreter is half torn down, which can abort the process (SIGABRT, "terminate called without an
+    active exception") after the run has already ended cleanly."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_finalizing(main())

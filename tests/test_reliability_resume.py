@@ -8,6 +8,7 @@
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,12 @@ def test_preempt_then_resume_is_exact(tmp, reference):
             assert steps[s][key] == pytest.approx(reference[s][key], rel=1e-6, abs=0), (s, key)
 
 
+def _rank_exit_codes(log: str) -> list[str]:
+    """The ranks' exit codes from torchrun's failure report ("Failures:" then "Root Cause"), root cause first."""
+    codes = re.findall(r"^\s*exitcode\s+: (-?\d+)", log, flags=re.MULTILINE)
+    return codes[-1:] + codes[:-1]
+
+
 def _tensors(obj, prefix=""):
     """Every tensor in a nested checkpoint structure, by path."""
     if isinstance(obj, torch.Tensor):
@@ -108,8 +115,12 @@ def test_nan_step_is_skipped_and_a_streak_stops_the_run(tmp, reference):
     out = f"{tmp}/nan"
     code, log = L.run([*COMMON, "--save_every_steps", "1", "--keep_last", "10", "--fault_nan_steps", "3,5,6",
                        "--max_bad_steps", "2", "--output_dir", out], 2, tmp_dir=tmp)
-    # each rank exits 3; torchrun itself exits 1 and reports the ranks' codes
-    assert code == 1 and log.count("exitcode  : 3") == 2, log[-3000:]
+    # torchrun exits 1 and reports each rank's code: the first to finish exits 3 (the root cause); the
+    # other exits 3 too, unless the agent's SIGTERM for it (sent once one rank failed) came first, which is
+    # harmless: every rank passed the final barrier. Anything else (a SIGABRT in teardown) is a defect.
+    assert code == 1, log[-3000:]
+    assert _rank_exit_codes(log)[0] == "3", log[-3000:]
+    assert sorted(_rank_exit_codes(log)) in (["3", "3"], ["-15", "3"]), log[-3000:]
     root = ckpt.root_dir(out)
     last_good = os.path.join(root, ckpt.tag_for(5))
     stop = [ln for ln in log.splitlines() if "consecutive" in ln]

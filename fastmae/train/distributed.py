@@ -91,6 +91,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def finish_distributed(wait_for_peers: bool) -> None:
+    """End of a run: wait for all ranks (so none is torn down, or killed by a launcher that saw another rank
+    exit, while a peer still works), then destroy the process groups. After an exception, don't wait."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if wait_for_peers:
+            barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
