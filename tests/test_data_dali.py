@@ -39,14 +39,15 @@ def test_auto_picks_dali_cpu():
 
 @pytest.mark.parametrize("data", ["default", "folder"])
 def test_same_images_as_torchvision(data, folder):
-    """Same samples, crops and flips; only decoder and resampler rounding differ (JPEG chroma upsampling,
-    DALI's vs PIL's antialiased cubic): a few 1/255 steps, i.e. ~0.01 in normalised units."""
+    """Same samples, crops and flips. On the CPU both decode with libjpeg-turbo and resample with the same
+    antialiased cubic (PIL's vs torch's uint8 kernel, host_resize.py): rounding differences of about one
+    1/255 step (0.0175 in normalised units) on a few pixels (measured: max 1 step, mean 0.0004)."""
     path = None if data == "default" else folder
     dali = _epoch(build_pretrain_loader(_cfg(data_path=path)), 2)
     tv = _epoch(build_pretrain_loader(_cfg(data_path=path, loader="torchvision", num_workers=0)), 2)
     assert dali.shape == tv.shape == (6, 6, 3, 32, 32) and dali.dtype == torch.float32
     diff = (dali - tv).abs()
-    assert diff.mean() < 0.01 and diff.max() < 0.5, (diff.mean().item(), diff.max().item())
+    assert diff.mean() < 0.002 and diff.max() < 0.06, (diff.mean().item(), diff.max().item())  # <= 3 steps
     # a wrong crop, flip or normalisation would be far off: the images are unrelated to each other
     assert (dali[:, 1:] - tv[:, :-1]).abs().mean() > 0.3
     assert (dali.flip(-1) - tv).abs().mean() > 10 * diff.mean()

@@ -3,8 +3,10 @@
 Decoding is on the GPU (device "mixed": nvJPEG, with the A100/H100 hardware JPEG decoder taking
 `hw_decoder_load` of the work) when cfg.device is a CUDA device, else on the CPU (libjpeg-turbo,
 device_id=None). The crop window is decoded alone (`decoders.image_slice`: ROI decoding skips the
-rows below the crop and the IDCT of blocks outside it), then resized to input_size with a cubic
-antialiased filter, mirrored and normalised to CHW float in one `crop_mirror_normalize`.
+rows below the crop and the IDCT of blocks outside it). On the GPU, DALI then resizes it to input_size
+with a cubic antialiased filter, mirrors and normalises to CHW float in one `crop_mirror_normalize`. On
+the CPU, DALI hands the decoded crops over and torch's uint8 antialiased bicubic kernel finishes them
+(host_resize.py): ~6x faster than DALI's CPU resize, and closer to PIL's (the torchvision loader's).
 
 The sample order, crop windows and flips come from the host (dali_feed.py), from the same
 (seed, epoch, index) arithmetic as the torchvision loader, so both loaders read the same images
@@ -22,6 +24,7 @@ from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.base import LoaderBase, log
 from fastmae.data.config import DataConfig
 from fastmae.data.dali_feed import CONVERTED, DaliFeed
+from fastmae.data.host_resize import resize_flip_normalize
 from fastmae.data.sources import Source
 
 
@@ -51,7 +54,9 @@ def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | Non
         prefetch_queue_depth=2, seed=cfg.seed, exec_async=True, exec_pipelined=True,
     )
     def pipe():
-        data, start, shape, flip = fn.external_source(source=feed_fn, num_outputs=4, batch=True, batch_info=True)
+        # the flips go to the pipeline only on the GPU; on the CPU the host applies them after the resize
+        outs = fn.external_source(source=feed_fn, num_outputs=4 if gpu else 3, batch=True, batch_info=True)
+        data, start, shape, flip = outs if gpu else (*outs, None)
         if pixels:  # embedded default set: HWC uint8 arrays, no decoding
             images = fn.slice(data, start=start, shape=shape, axis_names="WH")
             images = images.gpu() if gpu else images
@@ -64,6 +69,8 @@ def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | Non
                 adjust_orientation=False,  # PIL (the torchvision loader) ignores EXIF orientation too
                 **padding,
             )
+        if not gpu:
+            return images  # B crops [h_i, w_i, 3] uint8; host_resize finishes them
         images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(
             images, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
@@ -120,6 +127,7 @@ class DaliLoader(LoaderBase):
 
         epoch, B = self.epoch, self.cfg.batch_size
         indices = self.epoch_indices()  # [steps * B]
+        flips_of: dict[int, list[bool]] = {}  # batch -> its flips, for the host-side finish on CPU
 
         def feed_fn(info):  # called by DALI, possibly ahead of consumption, with this pass's iteration
             b = start + info.iteration
@@ -127,16 +135,20 @@ class DaliLoader(LoaderBase):
                 raise StopIteration
             data, starts, shapes, flips, sample_infos = self._feed.batch(epoch, indices[b * B : (b + 1) * B])
             in_flight[b] = sample_infos
-            return data, starts, shapes, flips
+            if self.device_id is not None:
+                return data, starts, shapes, flips
+            flips_of[b] = [bool(f) for f in flips]
+            return data, starts, shapes
 
         pipe = _build_pipeline(self.cfg, feed_fn, self._feed.pixels, self.device_id)
         try:
-            for _ in range(start, self.steps_per_epoch):
+            for b in range(start, self.steps_per_epoch):
                 (out,) = pipe.run()
-                dense = out.as_tensor()  # [B, 3, S, S] float32, in DALI's buffer (reused next run)
                 if self.device_id is None:
-                    yield torch.from_numpy(np.array(dense)).to(self.cfg.device)  # copy out of DALI's buffer
+                    crops = [np.asarray(out[i]) for i in range(len(out))]  # B x [h_i, w_i, 3] uint8, DALI's buffers
+                    yield resize_flip_normalize(crops, flips_of.pop(b), self.cfg.input_size)  # [B, 3, S, S]
                 else:
+                    dense = out.as_tensor()  # [B, 3, S, S] float32, in DALI's buffer (reused next run)
                     imgs = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
                     feed_ndarray(dense, imgs, cuda_stream=torch.cuda.current_stream(self.device_id))
                     yield imgs
