@@ -187,7 +187,8 @@ def write(rows: list[dict], data: dict, args, out: Path, env: dict | None = None
         f"{env['torchvision']}, Pillow {env['pillow']}, DALI {env['dali']} (CPU, device_id=None).\n",
         f"Input: {data['num_images']} procedural textured JPEGs, 333-500 px sides, quality {data['jpeg_quality']}, "
         f"mean {data['mean_kib']:.1f} KiB; output [{args.batch_size}, 3, {args.input_size}, {args.input_size}] "
-        "float32 on the host; MAE augmentation (RandomResizedCrop 0.2-1 bicubic, flip, normalise). "
+        "float32 on the host; MAE augmentation (RandomResizedCrop 0.2-1 bicubic, flip, normalise). dali-cpu: ROI "
+        "decode in DALI, resize + flip + normalise in torch (fastmae/data/host_resize.py). "
         f"Best of {args.repeats} epochs after a warm-up epoch.\n",
         "`img_s_*`: wall-clock images/s (best / median epoch); `img_per_cpu_s`: images per CPU-second used by the "
         "loader (its process, threads and worker processes; median epoch), the per-core figure that other jobs "
