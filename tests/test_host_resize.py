@@ -60,15 +60,3 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="crop 0"):
         resize_flip_normalize([good.astype(np.float32)], [False], 16)
 
-
-def test_torch_thread_count_is_restored():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        resize_flip_normalize([textured_image(seed=2, index=0, height=30, width=20)], [False], 16)
-        assert torch.get_num_threads() == 2
-        with pytest.raises(ValueError):
-            resize_flip_normalize([np.zeros((4, 4), np.uint8)], [False], 16)  # bad shape, raised inside
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -6,7 +6,8 @@ device_id=None). The crop window is decoded alone (`decoders.image_slice`: ROI d
 rows below the crop and the IDCT of blocks outside it). On the GPU, DALI then resizes it to input_size
 with a cubic antialiased filter, mirrors and normalises to CHW float in one `crop_mirror_normalize`. On
 the CPU, DALI hands the decoded crops over and torch's uint8 antialiased bicubic kernel finishes them
-(host_resize.py): ~6x faster than DALI's CPU resize, and closer to PIL's (the torchvision loader's).
+(host_resize.py, in a background thread: background.py): ~6x faster than DALI's CPU resize, and closer
+to PIL's (the torchvision loader's).
 
 The sample order, crop windows and flips come from the host (dali_feed.py), from the same
 (seed, epoch, index) arithmetic as the torchvision loader, so both loaders read the same images
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.data.background import in_background
 from fastmae.data.base import LoaderBase, log
 from fastmae.data.config import DataConfig
 from fastmae.data.dali_feed import CONVERTED, DaliFeed
@@ -104,6 +106,12 @@ class DaliLoader(LoaderBase):
         del del_me
 
     def _batches(self, start: int) -> Iterator[torch.Tensor]:
+        if self.device_id is None:  # the host finishes the crops: do it beside the training step, not in it
+            yield from in_background(lambda: self._decoded_batches(start))
+        else:
+            yield from self._decoded_batches(start)
+
+    def _decoded_batches(self, start: int) -> Iterator[torch.Tensor]:
         b = start
         while b < self.steps_per_epoch:
             in_flight: dict[int, list] = {}

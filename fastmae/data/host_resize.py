@@ -2,12 +2,11 @@
 
 DALI's CPU resize is its slow step (224 px, cubic, antialiased, one thread: ~1.6 ms per image, against
 ~0.7 ms for the ROI decode before it); torch's uint8 antialiased bicubic kernel (vectorised, channels-last)
-does the same resampling in ~0.25 ms (benchmarks/NOTES.md §7). It is the filter PIL applies in the
+does the same resampling in ~0.25 ms (docs/data.md, "Speed"). It is the filter PIL applies in the
 torchvision loader (Keys cubic, a = -0.5, widened by the downscale factor); rounding differs by a few 1/255
-steps, like DALI's own resize. Only the CPU DALI path uses this: on a GPU, DALI resizes on the device.
+steps, like DALI's own resize. Only the CPU DALI path uses this (in its background thread, background.py):
+on a GPU, DALI resizes on the device.
 """
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -16,31 +15,12 @@ import torch.nn.functional as F
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
-@contextmanager
-def _one_intra_op_thread():
-    """Per-image ops are too small for torch's intra-op threads: with 2 cores, DALI's 2 decoding threads and
-    2 intra-op threads measured 438 images per CPU-second, one intra-op thread 683. The count is process-wide,
-    so it is restored at once; the loader runs in the training thread, the only one issuing torch ops."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def resize_flip_normalize(crops: list[np.ndarray], flips: list[bool], size: int) -> torch.Tensor:
     """crops: B arrays [h_i, w_i, 3] uint8 (RGB, any sizes) -> [B, 3, size, size] float32, ImageNet-normalised,
     the images with flips[i] mirrored left-right."""
     B = len(crops)
     if B != len(flips):
         raise ValueError(f"{B} crops but {len(flips)} flips")
-    with _one_intra_op_thread():
-        return _finish(crops, flips, size)
-
-
-def _finish(crops: list[np.ndarray], flips: list[bool], size: int) -> torch.Tensor:
-    B = len(crops)
     # per image, while its pixels are in cache: resize, mirror, then uint8 -> float and normalise in place
     scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
