@@ -13,9 +13,11 @@ def test_yields_everything_in_order_with_one_intra_op_thread_in_the_worker():
 
     def make():
         seen["thread"] = threading.current_thread().name
-        seen["intra_op"] = torch.get_num_threads()
         for i in range(7):
             yield torch.full((2,), float(i))  # [2]
+            if i == 0:  # the consumer has restored the process default by now; run a parallel op, then look
+                torch.randn(512, 512).sum()
+                seen["intra_op"] = torch.get_num_threads()
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

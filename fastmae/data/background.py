@@ -42,7 +42,10 @@ def in_background(make: Callable[[], Iterator[T]], depth: int = 2, name: str = "
 
     def work() -> None:
         # torch.set_num_threads is per thread for the OpenMP pool and MKL, but also sets the default that
-        # threads created later start with; the consumer restores that once `ready` is set.
+        # threads created later start with; the consumer restores that once `ready` is set. A thread takes
+        # that default at its first torch threading call, so make that call first (get_num_threads), or the
+        # first parallel op here would reset this thread to the restored default.
+        torch.get_num_threads()
         torch.set_num_threads(1)
         ready.set()
         it = None
