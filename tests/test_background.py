@@ -66,3 +66,12 @@ def test_closing_early_stops_the_worker_and_cleans_up_in_its_thread():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth must be >= 1"):
         next(in_background(lambda: iter([1]), depth=0))
+
+
+def test_an_error_building_the_iterator_is_raised_too():
+    def make():
+        raise RuntimeError("no pipeline here")
+
+    with pytest.raises(RuntimeError, match="no pipeline here"):
+        next(in_background(make))
+    assert not any(t.name == "fastmae-data" for t in threading.enumerate())

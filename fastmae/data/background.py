@@ -41,15 +41,15 @@ def in_background(make: Callable[[], Iterator[T]], depth: int = 2, name: str = "
         return False
 
     def work() -> None:
-        # torch.set_num_threads is per thread for the OpenMP pool and MKL, but also sets the default that
-        # threads created later start with; the consumer restores that once `ready` is set. A thread takes
-        # that default at its first torch threading call, so make that call first (get_num_threads), or the
-        # first parallel op here would reset this thread to the restored default.
-        torch.get_num_threads()
-        torch.set_num_threads(1)
-        ready.set()
         it = None
         try:
+            # torch.set_num_threads is per thread for the OpenMP pool and MKL, but also sets the default that
+            # threads created later start with; the consumer restores that once `ready` is set. A thread
+            # takes that default at its first torch threading call, so make that call first
+            # (get_num_threads), or the first parallel op here would reset this thread to the restored default.
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+            ready.set()
             it = make()
             for item in it:
                 if not put(item):
@@ -58,6 +58,7 @@ def in_background(make: Callable[[], Iterator[T]], depth: int = 2, name: str = "
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(_Failed(e))
         finally:
+            ready.set()  # also when the setup above failed: the consumer then finds the error in the queue
             if it is not None and hasattr(it, "close"):
                 it.close()  # runs make()'s cleanup (e.g. freeing a DALI pipeline) in the thread that used it
 
