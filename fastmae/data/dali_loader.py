@@ -45,7 +45,9 @@ def unavailable_reason(cfg: DataConfig) -> str | None:
     return None
 
 
-def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | None):
+def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | None, dali_finishes: bool):
+    """dali_finishes: DALI resizes, mirrors and normalises (on the GPU; on the CPU only in the test of that graph),
+    else it returns the decoded crops for host_resize."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -56,9 +58,9 @@ def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | Non
         prefetch_queue_depth=2, seed=cfg.seed, exec_async=True, exec_pipelined=True,
     )
     def pipe():
-        # the flips go to the pipeline only on the GPU; on the CPU the host applies them after the resize
-        outs = fn.external_source(source=feed_fn, num_outputs=4 if gpu else 3, batch=True, batch_info=True)
-        data, start, shape, flip = outs if gpu else (*outs, None)
+        # the flips go to the pipeline only when it finishes the images; otherwise the host applies them
+        outs = fn.external_source(source=feed_fn, num_outputs=4 if dali_finishes else 3, batch=True, batch_info=True)
+        data, start, shape, flip = outs if dali_finishes else (*outs, None)
         if pixels:  # embedded default set: HWC uint8 arrays, no decoding
             images = fn.slice(data, start=start, shape=shape, axis_names="WH")
             images = images.gpu() if gpu else images
@@ -71,7 +73,7 @@ def _build_pipeline(cfg: DataConfig, feed_fn, pixels: bool, device_id: int | Non
                 adjust_orientation=False,  # PIL (the torchvision loader) ignores EXIF orientation too
                 **padding,
             )
-        if not gpu:
+        if not dali_finishes:
             return images  # B crops [h_i, w_i, 3] uint8; host_resize finishes them
         images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(
@@ -89,6 +91,10 @@ def _never_called(info):
 
 
 class DaliLoader(LoaderBase):
+    # None: DALI finishes the images on the GPU, the host on the CPU. True on the CPU runs the GPU's graph
+    # (DALI resize + crop_mirror_normalize) there, so tests cover it on a machine without a GPU.
+    dali_finishes: bool | None = None
+
     def __init__(self, cfg: DataConfig, source: Source):
         reason = unavailable_reason(cfg)
         if reason is not None:
@@ -99,14 +105,18 @@ class DaliLoader(LoaderBase):
         dev = torch.device(cfg.device)
         self.device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
         self.name = "dali-gpu" if self.device_id is not None else "dali-cpu"
+        self._dali_finishes = self.device_id is not None if self.dali_finishes is None else self.dali_finishes
         self._feed = DaliFeed(source, cfg.seed)
         # Build one pipeline now so a DALI that cannot run here (no GPU access, driver mismatch) fails at
         # construction, where build_pretrain_loader's "auto" can fall back to torchvision, not mid-training.
-        del_me = _build_pipeline(cfg, _never_called, self._feed.pixels, self.device_id)
+        del_me = self._pipeline(_never_called)
         del del_me
 
+    def _pipeline(self, feed_fn):
+        return _build_pipeline(self.cfg, feed_fn, self._feed.pixels, self.device_id, self._dali_finishes)
+
     def _batches(self, start: int) -> Iterator[torch.Tensor]:
-        if self.device_id is None:  # the host finishes the crops: do it beside the training step, not in it
+        if not self._dali_finishes:  # the host finishes the crops: do it beside the training step, not in it
             yield from in_background(lambda: self._decoded_batches(start))
         else:
             yield from self._decoded_batches(start)
@@ -143,20 +153,23 @@ class DaliLoader(LoaderBase):
                 raise StopIteration
             data, starts, shapes, flips, sample_infos = self._feed.batch(epoch, indices[b * B : (b + 1) * B])
             in_flight[b] = sample_infos
-            if self.device_id is not None:
+            if self._dali_finishes:
                 return data, starts, shapes, flips
             flips_of[b] = [bool(f) for f in flips]
             return data, starts, shapes
 
-        pipe = _build_pipeline(self.cfg, feed_fn, self._feed.pixels, self.device_id)
+        pipe = self._pipeline(feed_fn)
         try:
             for b in range(start, self.steps_per_epoch):
                 (out,) = pipe.run()
-                if self.device_id is None:
+                if not self._dali_finishes:
                     crops = [np.asarray(out[i]) for i in range(len(out))]  # B x [h_i, w_i, 3] uint8, DALI's buffers
                     yield resize_flip_normalize(crops, flips_of.pop(b), self.cfg.input_size)  # [B, 3, S, S]
+                    continue
+                dense = out.as_tensor()  # [B, 3, S, S] float32, in DALI's buffer (reused next run)
+                if self.device_id is None:  # the GPU's graph run on the CPU (tests)
+                    yield torch.from_numpy(np.array(dense))  # a copy: DALI reuses its buffer next run
                 else:
-                    dense = out.as_tensor()  # [B, 3, S, S] float32, in DALI's buffer (reused next run)
                     imgs = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
                     feed_ndarray(dense, imgs, cuda_stream=torch.cuda.current_stream(self.device_id))
                     yield imgs
