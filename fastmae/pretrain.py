@@ -12,6 +12,7 @@ final barrier by then, so nothing is lost (docs/reliability.md, "Exit").
 See docs/training.md and docs/reliability.md.
 """
 
+import contextlib
 import os
 import sys
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(cfg, dist, preempt)
     except BaseException:
-        D.finish_distributed(wait_for_peers=False)  # the other ranks may never reach a barrier
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            D.finish_distributed(wait_for_peers=False)  # the other ranks may never reach a barrier
         raise
     D.finish_distributed(wait_for_peers=True)  # tear the process group down while the interpreter is whole
     return code
