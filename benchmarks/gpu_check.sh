@@ -33,20 +33,19 @@ stage() {  # stage NAME SECONDS CMD...: run with min(SECONDS, what the budget ha
 nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" | tee -a "$DEST/summary.log"
 
-# 1. The CUDA extension builds on the CPUs while the Triton kernels and the model are checked on the GPU.
+# Order = what the next GPU session most needs to learn (2026-11-27 late: kernels and tests passed on an
+# H100 already; the trainer never ran on a GPU; ViT-H's 0.966x is unexplained), so later stages may be cut.
+# 1. The CUDA extension builds on the CPUs (the e2e runs use its kernels) while the one Triton test that
+#    failed on the H100 (fp32 d(pred), bound since widened to 8 ulps) reruns on the GPU.
 log "start build (background, limit 200s)"
 timeout 200 python -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1 &
 BUILD=$!
-stage triton_tests 150 python -m pytest -q -p no:cacheprovider tests/test_triton_gathers.py tests/test_triton_loss.py \
-  tests/test_triton_model.py tests/test_triton_backend.py tests/test_model_parity_device.py
+stage triton_loss 80 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
 
-# 2. The CUDA kernels against the reference (128 GPU cases) and ViT-B parity with the cuda backend in.
-stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py
-
-# 3. The trainer itself on the GPU, which no run had done before: ViT-B, bf16, ZeRO-2, synthetic data, 60
-#    steps with a checkpoint at step 50. Needs DeepSpeed, which the image lacks: `bash scripts/gpu_wheels.sh`
-#    here, then carry .whl in the device call.
+# 2. The trainer itself on the GPU, which no run had done before: ViT-B, bf16, ZeRO-2, synthetic data, 60
+#    steps with a checkpoint at step 50, and the end-of-run barrier + NCCL teardown + os._exit. Needs
+#    DeepSpeed, which the image lacks: `bash scripts/gpu_wheels.sh` here, then carry .whl in the device call.
 if ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$WORK/wheels.log" 2>&1
   log "wheels rc=$?"
@@ -61,18 +60,21 @@ else
   log "skip pretrain_B: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)"
 fi
 
+# 3. ViT-H eager, both sides in 3 rounds with a profile (the single-pass 0.966x of 2026-11-27 is unexplained:
+#    the blocks are the same code on both sides, so the profile's non-block kernels should show the difference).
+E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
+TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
+
 # 4. The training step on ViT-B: fastmae vs the reference, same init, same card, same run, with the controls
 #    that split the gain (benchmarks/NOTES.md §6.2), timed in 3 interleaved rounds so drift hits all alike.
 #    B/L/H with the plain variants were measured on 2026-11-27 (benchmarks/results/h100-20261127/).
-E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 TAIL=16 stage e2e_B 250 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
   --variants ref-compiled,fast-compiled,ref-compiled-fusedadamw,fast-compiled-torchops,fast-compiled-flash
 
-# 5. The kernels at ViT-B shapes: eager, torch.compile, Triton, CUDA; eager calls and CUDA-graph replays.
+# 5. If time is left: the kernels at ViT-B shapes (eager calls and CUDA-graph replays), then the CUDA kernel
+#    tests (passed on the H100 on 2026-11-27; the kernels have not changed since).
 stage kernels_B 130 python -m benchmarks.kernels.run --shapes ViT-B/16 --out "$WORK/kernels"
-
-# 6. If time is left: ViT-H eager, both sides in 3 rounds with a profile (the 0.966x of 2026-11-27 is unexplained).
-TAIL=12 stage e2e_H 90 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
+stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py
 
 pack
 log "done: $DEST/gpu_check.tgz"
