@@ -38,9 +38,12 @@ def optimize_model(
     - resolves the kernels backend ("auto" -> "cuda"/"triton"/"torch") now, so the compiled graph does not
       trace the backend search;
     - `grad_checkpointing`: recompute each block in backward (memory for ~1/3 more compute; ViT-H / big batches);
-    - `compile`: `nn.Module.compile` (in place: no `_orig_mod.` prefix in checkpoints). `fullgraph=True` makes
-      any graph break an error instead of a silent slowdown. "reduce-overhead" adds CUDA graphs: the step's
-      shapes are static (batch, image size and mask ratio fixed), so one capture serves every step.
+    - `compile`: torch.compile of `model.forward`, in place (no `_orig_mod.` prefix in checkpoints). Not
+      `nn.Module.compile`, which compiles `__call__` with the module's hooks: DeepSpeed's engine puts a forward
+      pre-hook on the model (its throughput timer calls time.time() from step 3 on), which fullgraph refuses;
+      compiling forward keeps such hooks eager and the model's own code one graph. `fullgraph=True` makes any
+      graph break in the model an error instead of a silent slowdown. "reduce-overhead" adds CUDA graphs:
+      the step's shapes are static (batch, image size and mask ratio fixed), so one capture serves every step.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
@@ -53,7 +56,7 @@ def optimize_model(
             raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")
         model.set_grad_checkpointing(True)
     if compile:
-        model.compile(mode=mode, fullgraph=fullgraph)
+        model.forward = torch.compile(model.forward, mode=mode, fullgraph=fullgraph)
     return model
 
 

@@ -154,6 +154,13 @@ def test_bad_zero_stage_in_ds_config(tmp_path):
     assert "ZeRO stage" in bad(["--deepspeed_config", str(p)], tmp_path)
 
 
+def test_bad_compile_with_zero3(tmp_path):
+    assert "--compile does not work with ZeRO stage 3" in bad(["--compile", "--zero_stage", "3"], tmp_path)
+    p = tmp_path / "ds.json"
+    p.write_text('{"zero_optimization": {"stage": 3}}')
+    assert "--compile does not work with ZeRO stage 3" in bad(["--compile", "--deepspeed_config", str(p)], tmp_path)
+
+
 def test_bad_output_dir_unwritable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

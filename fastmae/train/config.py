@@ -247,6 +247,11 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
     zero_stage = a.zero_stage if a.zero_stage is not None else int(ds.get("zero_optimization", {}).get("stage", 0))
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if a.compile and zero_stage == 3:
+        # ZeRO-3 keeps each parameter partitioned (an empty placeholder) outside its layer's forward and gathers it
+        # in hooks that the whole-model compile cannot trace (it fails on the placeholders' shapes).
+        raise ConfigError("--compile does not work with ZeRO stage 3; use --zero_stage 0-2 (every preset model, "
+                          "ViT-H included, fits one 80 GB GPU with its optimizer state) or drop --compile")
     precision = a.precision or _ds_precision(ds) or preset["precision"]
     if precision == "fp16" and device_type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
