@@ -10,6 +10,7 @@ update (tests/test_fast_path.py checks both against the plain versions on CPU).
 
 import importlib.util
 import logging
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,7 +39,8 @@ def optimize_model(
     - resolves the kernels backend ("auto" -> "cuda"/"triton"/"torch") now, so the compiled graph does not
       trace the backend search;
     - `grad_checkpointing`: recompute each block in backward (memory for ~1/3 more compute; ViT-H / big batches);
-    - `compile`: torch.compile of `model.forward`, in place (no `_orig_mod.` prefix in checkpoints). Not
+    - `compile`: torch.compile of the model's forward, bound to it in place (no `_orig_mod.` prefix in
+      checkpoints; a deepcopy rebinds it to the copy). Not
       `nn.Module.compile`, which compiles `__call__` with the module's hooks: DeepSpeed's engine puts a forward
       pre-hook on the model (its throughput timer calls time.time() from step 3 on), which fullgraph refuses;
       compiling forward keeps such hooks eager and the model's own code one graph. `fullgraph=True` makes any
@@ -56,7 +58,10 @@ def optimize_model(
             raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing()")
         model.set_grad_checkpointing(True)
     if compile:
-        model.forward = torch.compile(model.forward, mode=mode, fullgraph=fullgraph)
+        # the class's forward, compiled, bound to this model: a deepcopy then rebinds it to the copy (a compiled
+        # bound method `model.forward` would keep running the original model's weights)
+        compiled = torch.compile(type(model).forward, mode=mode, fullgraph=fullgraph)
+        model.forward = types.MethodType(compiled, model)
     return model
 
 

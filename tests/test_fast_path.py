@@ -142,6 +142,11 @@ def test_compiled_step_matches_eager():
     for name, g in grads_e.items():
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5, msg=name)
     assert all(k.split(".")[0] != "_orig_mod" for k in compiled.state_dict())
+    # a deep copy of the compiled model computes with its own weights (its forward is rebound to it)
+    twin = copy.deepcopy(compiled)
+    with torch.no_grad():
+        twin.decoder_pred.bias.add_(1.0)  # every predicted pixel moves by 1: the loss must change
+    assert not torch.allclose(twin(imgs, 0.75, noise)[0].detach(), loss_c)
     opt = make_optimizer(compiled.parameters(), lr=1e-3)
     before = compiled.blocks[0].attn.qkv.weight.detach().clone()
     opt.step()
