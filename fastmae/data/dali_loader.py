@@ -106,6 +106,8 @@ class DaliLoader(LoaderBase):
         self.device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
         self.name = "dali-gpu" if self.device_id is not None else "dali-cpu"
         self._dali_finishes = self.device_id is not None if self.dali_finishes is None else self.dali_finishes
+        if self.device_id is not None and not self._dali_finishes:
+            raise ValueError("on a GPU, DALI finishes the images on the device (dali_finishes=False is CPU only)")
         self._feed = DaliFeed(source, cfg.seed)
         # Build one pipeline now so a DALI that cannot run here (no GPU access, driver mismatch) fails at
         # construction, where build_pretrain_loader's "auto" can fall back to torchvision, not mid-training.
