@@ -37,37 +37,31 @@ def test_auto_picks_dali_cpu():
     assert loader.name == "dali-cpu" and loader.steps_per_epoch == 6
 
 
-@pytest.mark.parametrize("data", ["default", "folder"])
-def test_same_images_as_torchvision(data, folder):
-    """Same samples, crops and flips. On the CPU both decode with libjpeg-turbo and resample with the same
-    antialiased cubic (PIL's vs torch's uint8 kernel, host_resize.py): rounding differences of about one
-    1/255 step (0.0175 in normalised units) on a few pixels (measured: max 1 step, mean 0.0004)."""
-    path = None if data == "default" else folder
-    dali = _epoch(build_pretrain_loader(_cfg(data_path=path)), 2)
-    tv = _epoch(build_pretrain_loader(_cfg(data_path=path, loader="torchvision", num_workers=0)), 2)
-    assert dali.shape == tv.shape == (6, 6, 3, 32, 32) and dali.dtype == torch.float32
-    diff = (dali - tv).abs()
-    assert diff.mean() < 0.002 and diff.max() < 0.06, (diff.mean().item(), diff.max().item())  # <= 3 steps
-    # a wrong crop, flip or normalisation would be far off: the images are unrelated to each other
-    assert (dali[:, 1:] - tv[:, :-1]).abs().mean() > 0.3
-    assert (dali.flip(-1) - tv).abs().mean() > 10 * diff.mean()
+# Who finishes the decoded crops, and how far from torchvision that may land (normalised units; one 1/255 step
+# is ~0.0175). "host": the CPU path, torch's uint8 antialiased cubic (host_resize.py) against PIL's, measured
+# max 1 step, mean 0.0004. "dali": the graph a GPU runs (DALI's resize + crop_mirror_normalize, flips fed to
+# DALI), built on the CPU; DALI's cubic rounds further from PIL's, measured mean 0.003, max 0.19.
+FINISHERS = {"host": (False, 0.002, 0.06), "dali": (True, 0.01, 0.5)}
 
 
+@pytest.mark.parametrize("finisher", list(FINISHERS))
 @pytest.mark.parametrize("data", ["default", "folder"])
-def test_the_gpu_graph_run_on_the_cpu_matches_torchvision(data, folder, monkeypatch):
-    """The graph a GPU runs (DALI's resize + crop_mirror_normalize, flips fed to DALI), built on the CPU: same
-    samples, crops and flips as torchvision, up to DALI's cubic rounding (a few 1/255 steps; measured mean
-    0.003, max 0.19 in normalised units)."""
+def test_same_images_as_torchvision(data, finisher, folder, monkeypatch):
+    """Same samples, crops and flips as the torchvision loader; both decode with libjpeg-turbo, so only the
+    resampler's rounding differs."""
     from fastmae.data.dali_loader import DaliLoader
 
-    monkeypatch.setattr(DaliLoader, "dali_finishes", True)
+    dali_finishes, mean_bound, max_bound = FINISHERS[finisher]
+    monkeypatch.setattr(DaliLoader, "dali_finishes", dali_finishes)
     path = None if data == "default" else folder
     dali = _epoch(build_pretrain_loader(_cfg(data_path=path)), 2)
     tv = _epoch(build_pretrain_loader(_cfg(data_path=path, loader="torchvision", num_workers=0)), 2)
     assert dali.shape == tv.shape == (6, 6, 3, 32, 32) and dali.dtype == torch.float32
     diff = (dali - tv).abs()
-    assert diff.mean() < 0.01 and diff.max() < 0.5, (diff.mean().item(), diff.max().item())
-    assert (dali.flip(-1) - tv).abs().mean() > 10 * diff.mean()  # the flips reach DALI's mirror
+    assert diff.mean() < mean_bound and diff.max() < max_bound, (diff.mean().item(), diff.max().item())
+    # a wrong crop, flip or normalisation would be far off: the images are unrelated to each other
+    assert (dali[:, 1:] - tv[:, :-1]).abs().mean() > 0.3
+    assert (dali.flip(-1) - tv).abs().mean() > 10 * diff.mean()  # the flips reach whoever mirrors
 
 
 def test_deterministic_across_threads_and_resume(folder):
