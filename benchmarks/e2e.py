@@ -49,6 +49,14 @@ class Variant:
     adamw: str | None = None  # AdamW implementation; None: foreach for the reference, "auto" (fused) for fastmae
     backend: str | None = None  # fastmae_kernels backend of fastmae; None: --backend
     sdpa: str | None = None  # force one SDPA backend ("flash", "cudnn", "efficient", "math"); None: torch picks
+    masked_only: bool = True  # fastmae: the trainer's forward (decoder's last block and head on masked rows)
+
+    def forward_kwargs(self) -> dict:
+        return {"masked_only": True} if self.masked_only and not self.reference else {}
+
+    def counted_as(self) -> str:
+        """Which FLOP count (bench_model's three) applies to this variant."""
+        return "ref" if self.reference else ("fast" if self.masked_only else "fast-fullpred")
 
 
 VARIANTS = {
@@ -63,6 +71,7 @@ VARIANTS = {
     "fast-compiled-torchops": Variant(reference=False, mode="default", backend="torch"),  # Inductor fuses the MAE ops
     "fast-compiled-triton": Variant(reference=False, mode="default", backend="triton"),  # when no CUDA extension
     "fast-compiled-flash": Variant(reference=False, mode="default", sdpa="flash"),
+    "fast-compiled-fullpred": Variant(reference=False, mode="default", masked_only=False),  # decoder on all rows
 }
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -124,11 +133,11 @@ class SdpaBackend(torch.nn.Module):
     def backend(self) -> str:  # the wrapped model's kernels backend, for the row's `kernels` column
         return self.inner.backend
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[self.sdpa])):
-            return self.inner(*args)
+            return self.inner(*args, **kwargs)
 
 
 def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
@@ -152,13 +161,13 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
     return model, optimizer
 
 
-def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float):
+def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, **forward_kwargs):
     autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = model(imgs, mask_ratio)[0]
+            loss = model(imgs, mask_ratio, **forward_kwargs)[0]
         loss.backward()
         optimizer.step()
         return loss
@@ -173,7 +182,7 @@ def count_step(spec: Variant, name: str, state: dict, imgs: torch.Tensor, args) 
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return model(x, args.mask_ratio)[0]
+            return model(x, args.mask_ratio, **spec.forward_kwargs())[0]
 
     count = common.count_flops(lambda: forward(imgs).backward())
     saved = {}
@@ -221,7 +230,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
-            step = make_step(model, optimizer, imgs, args.mask_ratio)
+            step = make_step(model, optimizer, imgs, args.mask_ratio, **spec.forward_kwargs())
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
         row.update(
@@ -314,11 +323,13 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
     img = model_config(name).get("img_size", 224)
     imgs = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(args.seed)).to(device)
     flops, breakdown = {}, []
-    for side, spec in (("ref", VARIANTS["ref-eager"]), ("fast", VARIANTS["fast-eager"])):
+    sides = {"ref": ("reference", VARIANTS["ref-eager"]), "fast": ("fastmae", VARIANTS["fast-eager"]),
+             "fast-fullpred": ("fastmae, full prediction", Variant(reference=False, masked_only=False))}
+    for side, (label, spec) in sides.items():
         try:
             count, saved = count_step(spec, name, state, imgs, args)
             flops[side] = count.total / batch
-            row = {"model": key, "side": "reference" if side == "ref" else "fastmae", "batch": batch}
+            row = {"model": key, "side": label, "batch": batch}
             breakdown.append({**row, **flop_breakdown(count, batch), **saved})
         except torch.OutOfMemoryError:
             flops[side] = None
@@ -329,7 +340,7 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
     labels = args.variants + ([f"{args.variants[0]}#2"] if args.repeat_first else [])
     def finish(row: dict, label: str) -> dict:  # FLOP-based columns from the counts above
         row.update(model=key, model_name=name, batch=batch, variant=label)
-        own = flops["ref" if VARIANTS[label.split("#")[0]].reference else "fast"]
+        own = flops[VARIANTS[label.split("#")[0]].counted_as()]
         row["own_gflop_per_img"] = own / 1e9 if own else None
         row["ref_gflop_per_img"] = flops["ref"] / 1e9 if flops["ref"] else None
         if row["status"] == "ok":

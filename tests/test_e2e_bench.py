@@ -158,14 +158,17 @@ def test_count_flops_counts_cpu_attention():
 
 
 def test_count_only_mode(tmp_path):
-    """FLOPs and saved activations, no timing: fastmae does less of both (visible-only patch embedding)."""
+    """FLOPs and saved activations, no timing: fastmae does less of both (visible-only patch embedding; the
+    masked-only decoder tail on top, in the trainer's forward)."""
     argv = ["--device", "cpu", "--models", "tiny", "--batch", "2", "--count-only", "--out", str(tmp_path)]
     assert e2e.main(argv) == 0
-    ref, fast = json.loads((tmp_path / "counts.json").read_text())["rows"]
-    assert (ref["side"], fast["side"]) == ("reference", "fastmae")
-    assert 0 < fast["total_gflop_per_img"] < ref["total_gflop_per_img"]
+    ref, fast, full = json.loads((tmp_path / "counts.json").read_text())["rows"]
+    assert (ref["side"], fast["side"], full["side"]) == ("reference", "fastmae", "fastmae, full prediction")
+    assert 0 < fast["total_gflop_per_img"] < full["total_gflop_per_img"] < ref["total_gflop_per_img"]
     assert fast["encoder_blocks_gflop_per_img"] == ref["encoder_blocks_gflop_per_img"] > 0  # same blocks, same math
-    assert 0 < fast["saved_act_mib_per_img"] < ref["saved_act_mib_per_img"]
+    assert full["decoder_blocks_gflop_per_img"] == ref["decoder_blocks_gflop_per_img"] > 0
+    assert 0 < fast["decoder_blocks_gflop_per_img"] < full["decoder_blocks_gflop_per_img"]
+    assert 0 < fast["saved_act_mib_per_img"] < full["saved_act_mib_per_img"] < ref["saved_act_mib_per_img"]
     assert ref["saved_fixed_mib"] > 0  # autocast's bf16 weight copies
 
 

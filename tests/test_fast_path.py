@@ -21,9 +21,9 @@ def _inputs(batch=3, dtype=torch.float64, seed=1):
     return torch.randn(batch, 3, 32, 32, generator=g, dtype=dtype), torch.rand(batch, 64, generator=g, dtype=dtype)
 
 
-def _loss_and_grads(model, imgs, noise):
+def _loss_and_grads(model, imgs, noise, masked_only=False):
     model.zero_grad(set_to_none=True)
-    loss = model(imgs, 0.75, noise)[0]
+    loss = model(imgs, 0.75, noise, masked_only=masked_only)[0]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -107,8 +107,9 @@ def test_fast_adamw_equals_plain_adamw(impl):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("masked_only", [False, True], ids=["full", "masked_only"])
 @pytest.mark.parametrize("backend, grad_checkpointing", [("torch", False), ("torch", True), ("triton", False)])
-def test_compiled_model_has_no_graph_breaks(backend, grad_checkpointing):
+def test_compiled_model_has_no_graph_breaks(backend, grad_checkpointing, masked_only):
     """Dynamo alone (no inductor: seconds): one graph for the whole forward, the kernels' custom ops included
     (triton runs here under TRITON_INTERPRET=1, set by conftest; the cuda backend needs a GPU)."""
     import fastmae_kernels as fk
@@ -120,7 +121,7 @@ def test_compiled_model_has_no_graph_breaks(backend, grad_checkpointing):
     model.backend = backend
     optimize_model(model, compile=False, grad_checkpointing=grad_checkpointing)
     imgs, noise = _inputs(dtype=torch.float32)
-    explanation = torch._dynamo.explain(model)(imgs, 0.75, noise)
+    explanation = torch._dynamo.explain(model)(imgs, 0.75, noise, masked_only=masked_only)
     reasons = [b.reason.splitlines()[0] for b in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
@@ -130,13 +131,14 @@ def test_compiled_model_has_no_graph_breaks(backend, grad_checkpointing):
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
-    """Inductor (C++ on CPU, ~45 s to compile fwd+bwd): same loss and gradients, then a fused AdamW step."""
+    """Inductor (C++ on CPU, ~45 s to compile fwd+bwd): same loss and gradients, then a fused AdamW step.
+    The forward the trainer compiles (masked_only) against the plain eager one."""
     eager = _model(torch.float32)
     compiled = copy.deepcopy(eager)
     optimize_model(compiled, compile=True, mode="default", fullgraph=True)
     imgs, noise = _inputs(dtype=torch.float32)
     loss_e, grads_e = _loss_and_grads(eager, imgs, noise)
-    loss_c, grads_c = _loss_and_grads(compiled, imgs, noise)
+    loss_c, grads_c = _loss_and_grads(compiled, imgs, noise, masked_only=True)
     # fp32 with fused/reordered reductions: ~1e-6 relative; 1e-4 leaves room for 5 blocks of it
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for name, g in grads_e.items():
@@ -146,7 +148,7 @@ def test_compiled_step_matches_eager():
     twin = copy.deepcopy(compiled)
     with torch.no_grad():
         twin.decoder_pred.bias.add_(1.0)  # every predicted pixel moves by 1: the loss must change
-    assert not torch.allclose(twin(imgs, 0.75, noise)[0].detach(), loss_c)
+    assert not torch.allclose(twin(imgs, 0.75, noise, masked_only=True)[0].detach(), loss_c)
     opt = make_optimizer(compiled.parameters(), lr=1e-3)
     before = compiled.blocks[0].attn.qkv.weight.detach().clone()
     opt.step()

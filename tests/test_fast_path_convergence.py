@@ -42,7 +42,7 @@ def _curve(fast: bool, bf16: bool, batches, state) -> list[float]:
     for imgs, noise in batches:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(imgs, 0.75, noise)[0]
+            loss = model(imgs, 0.75, noise, **({"masked_only": True} if fast else {}))[0]  # the trainer's forward
         loss.backward()
         opt.step()
         losses.append(loss.item())

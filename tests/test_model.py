@@ -17,16 +17,21 @@ def _pair(norm_pix: bool, seed: int = 0):
     return reference, model
 
 
+@pytest.mark.parametrize("masked_only", [False, True], ids=["full", "masked_only"])
 @pytest.mark.parametrize("norm_pix", [True, False])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_forward_and_gradients_match_reference(norm_pix, batch):
+def test_forward_and_gradients_match_reference(norm_pix, batch, masked_only):
+    """masked_only (the trainer's path) skips the decoder's work on visible patches: same loss, the
+    reference's predictions at the masked patches, every gradient the same."""
     reference, model = _pair(norm_pix)
     imgs = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
     noise = torch.rand(batch, 64, dtype=torch.float64)
     loss_r, pred_r, mask_r = reference(imgs, 0.75, noise)
-    loss_m, pred_m, mask_m = model(imgs, 0.75, noise)
+    loss_m, pred_m, mask_m = model(imgs, 0.75, noise, masked_only=masked_only)
     assert torch.equal(mask_r, mask_m)
     assert mask_m.sum().item() == batch * (64 - 16)
+    if masked_only:  # the masked rows in raster order
+        pred_r = pred_r[mask_r.bool()].view(batch, 64 - 16, pred_r.shape[-1])
     torch.testing.assert_close(pred_m, pred_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(loss_m, loss_r, rtol=1e-10, atol=1e-10)
     loss_r.backward()
@@ -36,6 +41,27 @@ def test_forward_and_gradients_match_reference(norm_pix, batch):
             assert p_m.grad is not None, name
             assert p_r.grad.abs().sum() > 0, f"{name}: reference gradient is all zero, the test would be vacuous"
             torch.testing.assert_close(p_m.grad, p_r.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("batch, tokens, rows", [(1, 7, 3), (3, 13, 13), (2, 29, 1)])
+def test_block_rows_equal_the_full_block_at_those_rows(batch, tokens, rows):
+    """A block asked for some rows: the full block's output there, and the same input gradient (keys and
+    values still see every token, so the other rows' inputs get gradient too)."""
+    from fastmae.models.vit_block import Block, select_rows
+
+    torch.manual_seed(0)
+    blk = Block(24, 3).double()
+    x = torch.randn(batch, tokens, 24, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(tokens)[:rows] for _ in range(batch)])  # [B, M], any order
+    full = select_rows(blk(x), ids)
+    grad_full = torch.autograd.grad(full.square().sum(), x)[0]
+    part = blk(x, ids)
+    grad_part = torch.autograd.grad(part.square().sum(), x)[0]
+    torch.testing.assert_close(part, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_part, grad_full, rtol=1e-12, atol=1e-12)
+    if rows < tokens:  # the unselected rows reach the output through attention only, but they do
+        unselected = torch.ones(batch, tokens, dtype=torch.bool).scatter(1, ids, False)
+        assert grad_part[unselected].abs().sum() > 0
 
 
 def test_mask_follows_noise_ascending_kept():

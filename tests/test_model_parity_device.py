@@ -23,12 +23,16 @@ def _rel(x: torch.Tensor, truth: torch.Tensor) -> float:
     return ((x.double() - truth).norm() / truth.norm()).item()
 
 
-def _run(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, bf16: bool) -> dict[str, torch.Tensor]:
-    """loss, pred and every parameter gradient of one forward+backward, as fp64 tensors."""
+def _run(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, bf16: bool,
+         **kwargs) -> dict[str, torch.Tensor]:
+    """loss, pred (at the masked patches: what every forward predicts) and every parameter gradient of one
+    forward+backward, as fp64 tensors."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-        loss, pred, _ = model(imgs, 0.75, noise)
+        loss, pred, mask = model(imgs, 0.75, noise, **kwargs)
     loss.backward()
+    if pred.shape[1] == mask.shape[1]:  # a full prediction: keep its masked rows, in raster order
+        pred = pred[mask.bool()].view(pred.shape[0], -1, pred.shape[-1])
     out = {"loss": loss.detach().double(), "pred": pred.detach().double()}
     out.update({f"grad:{n}": p.grad.double() for n, p in model.named_parameters() if p.grad is not None})
     return out
@@ -49,13 +53,14 @@ def setup():
     return state, imgs.to(DEVICE), noise.to(DEVICE), truth, reference_bf16
 
 
+@pytest.mark.parametrize("masked_only", [False, True], ids=["full", "masked_only"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_fastmae_matches_fp64_reference(setup, backend, bf16):
+def test_fastmae_matches_fp64_reference(setup, backend, bf16, masked_only):
     state, imgs, noise, truth, reference_bf16 = setup
     model = create_model(MODEL, backend=backend)
     model.load_state_dict(state, strict=True)
-    got = _run(model.to(DEVICE), imgs, noise, bf16)
+    got = _run(model.to(DEVICE), imgs, noise, bf16, masked_only=masked_only)
     assert got.keys() == truth.keys()
     all_grads = [k for k in truth if k.startswith("grad:")]
     for key in ["loss", "pred", *all_grads]:

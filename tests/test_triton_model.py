@@ -11,7 +11,8 @@ pytestmark = requires_triton
 TINY = "mae_vit_tiny_patch4_dec64d2b"
 
 
-def _train(backend: str, init_state: dict, steps: int, norm_pix: bool, autocast: bool = False) -> list[float]:
+def _train(backend: str, init_state: dict, steps: int, norm_pix: bool, autocast: bool = False,
+           masked_only: bool = False) -> list[float]:
     model = create_model(TINY, backend=backend, norm_pix_loss=norm_pix).to(DEVICE)
     model.load_state_dict(init_state, strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -21,7 +22,7 @@ def _train(backend: str, init_state: dict, steps: int, norm_pix: bool, autocast:
         imgs = torch.randn(4, 3, 32, 32, generator=g).to(DEVICE)
         noise = torch.rand(4, 64, generator=g).to(DEVICE)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, _, _ = model(imgs, 0.75, noise)
+            loss, _, _ = model(imgs, 0.75, noise, masked_only=masked_only)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -29,12 +30,14 @@ def _train(backend: str, init_state: dict, steps: int, norm_pix: bool, autocast:
     return losses
 
 
-@pytest.mark.parametrize("norm_pix, autocast", [(True, False), (False, False), (True, True)])
-def test_tiny_mae_trains_identically_with_triton_and_torch(norm_pix, autocast):
+@pytest.mark.parametrize("norm_pix, autocast, masked_only", [(True, False, False), (False, False, False),
+                                                           (True, True, False), (True, False, True)])
+def test_tiny_mae_trains_identically_with_triton_and_torch(norm_pix, autocast, masked_only):
+    """masked_only: the trainer's forward (triton gathers the masked targets) against the plain torch one."""
     torch.manual_seed(0)
     init_state = create_model(TINY, norm_pix_loss=norm_pix).state_dict()
     reference = _train("torch", init_state, steps=4, norm_pix=norm_pix, autocast=autocast)
-    fused = _train("triton", init_state, steps=4, norm_pix=norm_pix, autocast=autocast)
+    fused = _train("triton", init_state, steps=4, norm_pix=norm_pix, autocast=autocast, masked_only=masked_only)
     assert reference[-1] < reference[0]  # it learns, so equal curves are not two flat lines
     # Gathers and insertion are bit-exact (also under bf16 autocast, where the decoder input is fp32 as in
     # the official code); the loss and its gradient differ from torch in the last fp32 bit (summation and

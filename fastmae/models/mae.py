@@ -2,7 +2,10 @@
 
 Differences from the reference are in how, not what: the patch embedding runs as a Linear on the
 visible patches only (4x less work at mask ratio 0.75) and the gathers, the mask-token insertion and
-the norm-pix loss are single fused ops.
+the norm-pix loss are single fused ops. With `masked_only=True` (what the trainer uses) the last decoder
+block, the decoder norm and the prediction head run on the masked patches only: the loss gives the other
+rows zero weight, so their outputs never reach it and skipping them leaves the loss and every gradient as
+they were (the last block still attends over all tokens).
 """
 
 import torch
@@ -11,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastmae_kernels as fk
 from fastmae.models.mae_base import MAEParameters
+from fastmae_kernels import reference as ref
 
 
 class MaskedAutoencoderViT(MAEParameters):
@@ -26,13 +30,10 @@ class MaskedAutoencoderViT(MAEParameters):
         activation memory drops to one block's plus the residual stream, for ~1/3 more forward compute."""
         self.grad_checkpointing = bool(enable)
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)  # non-reentrant: works with compile and ZeRO
-            else:
-                x = blk(x)
-        return x
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, rows, use_reentrant=False)  # non-reentrant: works with compile and ZeRO
+        return blk(x, rows)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         ids_keep, ids_restore, mask = fk.random_masking(noise, mask_ratio, backend=self.backend)
@@ -41,26 +42,50 @@ class MaskedAutoencoderViT(MAEParameters):
         x = x + self.pos_embed[0, 1:][ids_keep]  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
-        x = self._run_blocks(self.blocks, x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions [N, L, p*p*C], or [N, M, p*p*C] at the patches `rows` [N, M] only."""
         x = self.decoder_embed(x)  # [N, 1+K, Dd]
         patches = fk.insert_mask_tokens(
             x[:, 1:], self.mask_token, ids_restore, self.decoder_pos_embed[:, 1:], backend=self.backend
         )  # [N, L, Dd]
         cls = x[:, :1] + self.decoder_pos_embed[:, :1]
         x = torch.cat([cls.to(patches.dtype), patches], dim=1)  # [N, 1+L, Dd]
-        x = self._run_blocks(self.decoder_blocks, x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]  # [N, L, p*p*C]
+        for blk in self.decoder_blocks[:-1]:
+            x = self._run_block(blk, x)
+        if rows is None:
+            x = self._run_block(self.decoder_blocks[-1], x)[:, 1:]  # [N, L, Dd] without the cls token
+        else:
+            x = self._run_block(self.decoder_blocks[-1], x, rows + 1)  # [N, M, Dd]; +1: cls leads the sequence
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return fk.masked_mse_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, backend=self.backend)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
-        """imgs [N, C, H, W] -> (loss, pred [N, L, p*p*C], mask [N, L]), as the official forward."""
+    def forward_loss_rows(self, imgs: torch.Tensor, pred: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The official loss from the masked rows alone: pred [N, M, p*p*C] at patches `rows` [N, M] (all
+        masked), so the mean over masked patches is the plain mean; fp32 as the fused loss (fp64 for fp64)."""
+        target = fk.gather_patches(imgs, rows, self.patch_size, backend=self.backend)  # [N, M, p*p*C]
+        target = target.to(torch.promote_types(target.dtype, torch.float32))
+        if self.norm_pix_loss:
+            target = ref.normalize_patches(target)
+        return ((pred.to(target.dtype) - target) ** 2).mean()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                masked_only: bool = False):
+        """imgs [N, C, H, W] -> (loss, pred [N, L, p*p*C], mask [N, L]), as the official forward.
+
+        masked_only: pred holds the masked patches only, [N, L-K, p*p*C] in raster order
+        (== full_pred[mask.bool()].view(N, -1, p*p*C)); same loss and gradients, less decoder work."""
         self.check_images(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, self.make_noise(imgs, noise))
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        if not masked_only:
+            pred = self.forward_decoder(latent, ids_restore)
+            return self.forward_loss(imgs, pred, mask), pred, mask
+        keep = latent.shape[1] - 1
+        rows = torch.argsort(mask, dim=1, stable=True)[:, keep:]  # [N, L-K] masked patches, ascending
+        pred = self.forward_decoder(latent, ids_restore, rows)
+        return self.forward_loss_rows(imgs, pred, rows), pred, mask

@@ -1,9 +1,19 @@
 """Plain pre-norm ViT block with the timm / official MAE parameter names (norm1, attn.qkv, attn.proj,
-norm2, mlp.fc1, mlp.fc2), attention through torch's scaled_dot_product_attention."""
+norm2, mlp.fc1, mlp.fc2), attention through torch's scaled_dot_product_attention.
+
+`rows` (optional) asks for the block's output at some tokens only: keys and values still come from every
+token, queries and everything after attention (projection, residuals, MLP) run on those rows alone. The MAE
+decoder's last block uses it, since the loss reads the masked patches only.
+"""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C], rows [B, M] -> [B, M, C]."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class Attention(nn.Module):
@@ -15,12 +25,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, C] -> [B, N, C], or [B, M, C] with the queries at `rows` [B, M] only."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, hd]
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        if rows is not None:
+            # one qkv GEMM for all tokens: splitting off the M query rows would save only a third of it on
+            # the N - M others, for a second launch and a strided weight slice
+            q = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B, H, M, hd]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, hd]
+        return self.proj(x.transpose(1, 2).reshape(b, q.shape[2], c))
 
 
 class Mlp(nn.Module):
@@ -42,6 +57,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, C] -> [B, N, C], or the output rows [B, M, C] at `rows` [B, M] (module docstring)."""
+        attn = self.attn(self.norm1(x), rows)  # [B, N or M, C]
+        x = x + attn if rows is None else select_rows(x, rows) + attn
         return x + self.mlp(self.norm2(x))

@@ -150,7 +150,8 @@ class Trainer:
         cfg = self.cfg
         noise = rng.masking_noise(cfg.seed, epoch, batch_pos, self.dist.rank, self.dist.world_size,
                                   imgs.shape[0], self.num_patches, self.device)  # [B, L]
-        loss, _, _ = self.engine(imgs.to(self.dtype), mask_ratio=cfg.mask_ratio, noise=noise)
+        # masked_only: the decoder's last block and head skip the visible patches the loss ignores (exact)
+        loss, _, _ = self.engine(imgs.to(self.dtype), mask_ratio=cfg.mask_ratio, noise=noise, masked_only=True)
         if self.progress.step + 1 in cfg.fault_nan_steps:  # reliability test: a poisoned batch
             loss = loss * float("nan")
         self.guard.note_loss(loss)

@@ -103,11 +103,14 @@ def patch_targets(imgs: torch.Tensor, patch_size: int, norm_pix: bool, eps: floa
     The official code uses torch.var's default unbiased estimator; so do we.
     """
     target = patchify(imgs.to(torch.promote_types(imgs.dtype, torch.float32)), patch_size)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps) ** 0.5
-    return target
+    return normalize_patches(target, eps) if norm_pix else target
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalised pixels [..., P] (zero mean, unit unbiased variance + eps), as the official norm_pix."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps) ** 0.5
 
 
 def masked_mse_loss(
