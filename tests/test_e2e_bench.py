@@ -181,3 +181,24 @@ def test_h100_breakdown_recomputes_from_the_committed_profiles():
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()[2:]}
     assert set(rows) == {"ref-eager", "ref-compiled", "fast-eager", "fast-compiled", "fast-cudagraphs"}
     assert "| 59.51 | 57.92 | 97% | 7.82 | 22.62 |" in rows["ref-compiled"]
+
+
+def test_gpu_check_names_only_known_models_and_variants():
+    """A typo in the prepared GPU script would cost a stage of scarce device time: every --models and
+    --variants list it passes to e2e.py must name entries e2e.py knows."""
+    import re
+    import shlex
+
+    text = (REPO / "benchmarks/gpu_check.sh").read_text().replace("\\\n", " ")
+    lists = {"--models": e2e.MODELS, "--variants": e2e.VARIANTS}
+    seen = {flag: 0 for flag in lists}
+    for line in text.splitlines():
+        if "E2E[@]" not in line or line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(re.sub(r'"\$[^"]*"', "X", line))
+        for flag, table in lists.items():
+            if flag in words:
+                names = words[words.index(flag) + 1].split(",")
+                assert set(names) <= set(table), f"{flag}: unknown {set(names) - set(table)}"
+                seen[flag] += 1
+    assert seen["--models"] >= 2 and seen["--variants"] >= 2, seen  # the parse found the e2e stages
