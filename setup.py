@@ -100,7 +100,7 @@ setup(
         "torchvision",  # the official augmentation and the fallback loader
         "triton>=3.0",
         "numpy",
-        "deepspeed>=0.15",
+        "deepspeed>=0.17.2",  # torch_autocast with ZeRO (--precision bf16)
         "nvidia-dali-cuda130>=1.50; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
         "ninja",
         "pillow",

@@ -85,17 +85,46 @@ def test_ds_config_takes_file_values_and_flags_win(tmp_path):
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 5, "gradient_accumulation_steps": 2,
                                 "zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": True}}))
     c = cfg(["--deepspeed_config", str(path)], tmp_path, world=2)
-    assert (c.batch_size, c.accum_iter, c.zero_stage, c.precision) == (5, 2, 3, "bf16")
+    # DeepSpeed's bf16 section means its bf16-weights mode, which fastmae calls bf16-pure
+    assert (c.batch_size, c.accum_iter, c.zero_stage, c.precision) == (5, 2, 3, "bf16-pure")
     ds = c.ds_config
     assert ds["train_batch_size"] == 20 and ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
     c = cfg(["--deepspeed_config", str(path), "--zero_stage", "1", "--precision", "fp32"], tmp_path, world=2)
     assert c.ds_config["zero_optimization"]["stage"] == 1 and not c.ds_config["bf16"]["enabled"]
+    assert not c.ds_config["torch_autocast"]["enabled"]
+
+
+@pytest.mark.parametrize("flag, file_section, want", [
+    (None, {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "bf16"),
+    ("bf16", {}, "bf16"),
+    ("bf16-pure", {"torch_autocast": {"enabled": True}}, "bf16-pure"),  # the flag wins over the file
+])
+def test_bf16_is_autocast_with_fp32_weights_and_fp32_gradient_reduction(tmp_path, flag, file_section, want):
+    """--precision bf16 is the official AMP recipe in bf16: DeepSpeed's torch_autocast (fp32 weights), its bf16
+    mode off, and no layer's gradients reduced in bf16; bf16-pure is DeepSpeed's bf16 mode."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(file_section))
+    c = cfg(["--deepspeed_config", str(path)] + (["--precision", flag] if flag else []), tmp_path, world=2)
+    ds = c.ds_config
+    assert c.precision == want
+    if want == "bf16":
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    else:
+        assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
+
+
+def test_bad_fp16_autocast_in_deepspeed_config(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"torch_autocast": {"enabled": True, "dtype": "float16"}}))
+    assert "torch_autocast dtype float16" in bad(["--deepspeed_config", str(path)], tmp_path)
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
 def test_shipped_ds_configs_parse(tmp_path, name):
     c = cfg(["--deepspeed_config", os.path.join(ROOT, "configs", f"ds_{name}.json")], tmp_path, world=2)
-    assert c.zero_stage == int(name[4])
+    assert c.zero_stage == int(name[4]) and c.precision == "bf16"  # the official AMP recipe, in bf16
 
 
 # -- bad input: one line each ------------------------------------------------------------------------

@@ -122,11 +122,18 @@ def _enough_space(root: str) -> str | None:
     return None
 
 
+def read_meta(path: str) -> dict:
+    """What COMPLETE records: step, world size, time, model (name, norm_pix_loss, input size), precision."""
+    with open(os.path.join(path, COMPLETE)) as f:
+        return json.load(f)
+
+
 def save(engine, output_dir: str, step: int, trainer_state: dict, rank: int, *, keep_last: int,
-         model_meta: dict | None = None, fault_disk_full: bool = False) -> str:
+         model_meta: dict | None = None, precision: str | None = None, fault_disk_full: bool = False) -> str:
     """Writes checkpoint `step` on every rank (collective); returns its folder or raises CheckpointError.
     `model_meta` (model name, norm_pix_loss, input size) goes into the COMPLETE marker, so the tools that
-    read the checkpoint later (visualize, export, linprobe) need not be told how the model was trained."""
+    read the checkpoint later (visualize, export, linprobe) need not be told how the model was trained;
+    `precision` too, so a resume can refuse one whose optimizer state has another layout."""
     root = root_dir(output_dir)
     tag = tag_for(step)
     tmp, final = os.path.join(root, f".tmp-{tag}"), os.path.join(root, tag)
@@ -158,7 +165,8 @@ def save(engine, output_dir: str, step: int, trainer_state: dict, rank: int, *, 
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"writing checkpoint {tag} failed ({error or 'on another rank'})")
     if rank == 0:
-        meta = {"step": step, "world_size": D.env_world()[2], "time": time.time(), "model": model_meta or {}}
+        meta = {"step": step, "world_size": D.env_world()[2], "time": time.time(), "model": model_meta or {},
+                "precision": precision}
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             json.dump(meta, f)
             f.flush()

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 from fastmae.models.registry import model_config, model_names
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+# bf16: the official mixed-precision recipe (fp32 weights and gradients, forward under torch.autocast, here in
+#   bf16 instead of the paper's fp16, so no loss scaling), through DeepSpeed's `torch_autocast` section.
+# bf16-pure: DeepSpeed's `bf16` mode: weights, activations and gradients in bf16 (the residual stream, LayerNorm
+#   inputs and the fixed sin-cos tables too), fp32 master weights in the optimizer. Not the paper's numerics.
+# fp16: DeepSpeed's `fp16` mode (fp16 weights, dynamic loss scaling); fp32: no mixed precision.
+PRECISIONS = ("bf16", "bf16-pure", "fp16", "fp32")
+AUTOCAST_PRECISIONS = {"bf16": "bfloat16"}  # precision -> the torch_autocast dtype DeepSpeed runs the forward in
 BACKENDS = ("auto", "torch", "triton", "cuda")
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
 
@@ -138,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--deepspeed_config", default=None)
     # fastmae's
     p.add_argument("--zero_stage", type=int, default=None, help="ZeRO stage 0-3 (default: config file, else 0)")
-    p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="bf16: fp32 weights + bf16 autocast, the official AMP recipe (default on CUDA); bf16-pure: "
+                        "DeepSpeed's bf16 mode (bf16 weights and activations); fp16: DeepSpeed's fp16 mode with "
+                        "loss scaling; fp32 (default on CPU)")
     p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 = off (default, as official)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
     p.add_argument("--loader", default="auto", choices=LOADERS)
@@ -181,9 +190,17 @@ def _read_ds_config(path: str | None) -> dict:
     return cfg
 
 
-def _ds_precision(ds: dict) -> str | None:
-    if ds.get("bf16", {}).get("enabled") or ds.get("bfloat16", {}).get("enabled"):
+def _ds_precision(ds: dict, path: str | None) -> str | None:
+    """The precision a DeepSpeed config file asks for, in --precision's words."""
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        dtype = str(autocast.get("dtype", "bfloat16")).replace("torch.", "")
+        if dtype not in ("bfloat16", "bf16"):
+            raise ConfigError(f"--deepspeed_config {path}: torch_autocast dtype {dtype} is not supported (DeepSpeed "
+                              "scales no fp16 loss under ZeRO); use bfloat16, or --precision fp16")
         return "bf16"
+    if ds.get("bf16", {}).get("enabled") or ds.get("bfloat16", {}).get("enabled"):
+        return "bf16-pure"  # DeepSpeed's bf16 mode: bf16 weights
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return None
@@ -252,7 +269,7 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         # in hooks that the whole-model compile cannot trace (it fails on the placeholders' shapes).
         raise ConfigError("--compile does not work with ZeRO stage 3; use --zero_stage 0-2 (every preset model, "
                           "ViT-H included, fits one 80 GB GPU with its optimizer state) or drop --compile")
-    precision = a.precision or _ds_precision(ds) or preset["precision"]
+    precision = a.precision or _ds_precision(ds, a.deepspeed_config) or preset["precision"]
     if precision == "fp16" and device_type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     micro, accum = _resolve_batch(a, ds, preset, world_size)
@@ -320,7 +337,13 @@ def build_ds_config(base: dict, cfg: TrainConfig) -> dict:
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = cfg.zero_stage
     ds.pop("bfloat16", None)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16-pure"}
+    autocast = ds.get("torch_autocast", {})
+    if cfg.precision in AUTOCAST_PRECISIONS:
+        # every gradient reduced in fp32, as the official DDP run did (DeepSpeed's default would reduce the
+        # Linear layers' gradients in bf16)
+        autocast = {"lower_precision_safe_modules": [], **autocast, "dtype": AUTOCAST_PRECISIONS[cfg.precision]}
+    ds["torch_autocast"] = {**autocast, "enabled": cfg.precision in AUTOCAST_PRECISIONS}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
     if cfg.precision == "fp16":
         ds["fp16"].setdefault("loss_scale", 0)  # dynamic scaling

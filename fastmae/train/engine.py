@@ -29,5 +29,32 @@ def build_engine(cfg: TrainConfig, device: torch.device):
     return engine, optimizer, gate
 
 
+WEIGHT_DTYPES = {"bf16": torch.float32, "bf16-pure": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def weight_dtype_of(precision: str) -> torch.dtype:
+    """The dtype DeepSpeed keeps the model's weights in for a --precision (autocast: fp32)."""
+    return WEIGHT_DTYPES[precision]
+
+
+def weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    return weight_dtype_of(cfg.precision)
+
+
 def input_dtype(cfg: TrainConfig) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    """The dtype of the images fed to the engine: its weights' dtype (autocast casts fp32 images itself)."""
+    return weight_dtype(cfg)
+
+
+def check_precision(engine, cfg: TrainConfig) -> str:
+    """Checks that DeepSpeed set the model up as --precision asked (weights' dtype, autocast on or off) and
+    returns a short description for the start-up line. A DeepSpeed that ignored its torch_autocast section
+    would otherwise train in plain fp32 without a word."""
+    dtypes = {p.dtype for p in engine.module.parameters()}
+    autocast = bool(engine.torch_autocast_enabled()) if hasattr(engine, "torch_autocast_enabled") else False
+    want_autocast = cfg.precision == "bf16"
+    if dtypes != {weight_dtype(cfg)} or autocast != want_autocast:
+        raise RuntimeError(f"--precision {cfg.precision}: DeepSpeed left the weights in {sorted(map(str, dtypes))} "
+                           f"with autocast {'on' if autocast else 'off'}")
+    weights = str(weight_dtype(cfg)).replace("torch.", "")
+    return f"{cfg.precision} ({weights} weights{', bf16 autocast' if autocast else ''})"

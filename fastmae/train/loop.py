@@ -11,8 +11,8 @@ from fastmae.data.loader import DataConfig, build_pretrain_loader
 from fastmae.train import checkpoint as ckpt
 from fastmae.train import distributed as D
 from fastmae.train import rng
-from fastmae.train.config import TrainConfig
-from fastmae.train.engine import build_engine, input_dtype
+from fastmae.train.config import PRECISIONS, TrainConfig
+from fastmae.train.engine import build_engine, check_precision, input_dtype, weight_dtype, weight_dtype_of
 from fastmae.train.logging import StepTimer, TrainLogger
 from fastmae.train.nan_guard import NanGuard
 from fastmae.train.schedule import lr_at, set_lr
@@ -47,6 +47,7 @@ class Trainer:
             default_image_size=cfg.default_image_size,
         ))
         self.engine, self.optimizer, self.gate = build_engine(cfg, self.device)
+        self.precision = check_precision(self.engine, cfg)  # e.g. "bf16 (float32 weights, bf16 autocast)"
         rng.seed_all(cfg.seed + dist.rank)  # per-rank streams for anything else random, as official
         self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps)
         self.num_patches = self.engine.module.patch_embed.num_patches
@@ -68,6 +69,7 @@ class Trainer:
         path = ckpt.find_resume(cfg.resume, cfg.output_dir)
         if path is None:
             return 0
+        self._check_resume_precision(path)
         state = ckpt.load(self.engine, path, self.dist.rank)
         self.progress = Progress(step=state["step"], last_saved=path, last_saved_step=state["step"])
         self.loader.load_state_dict(state["loader"])
@@ -77,6 +79,16 @@ class Trainer:
         if self.dist.is_main:
             print(f"fastmae: resumed from {path} at step {state['step']}", flush=True)
         return int(state["loader"]["epoch"])
+
+    def _check_resume_precision(self, path: str) -> None:
+        """fp32 and bf16 (autocast) keep fp32 weights and the same optimizer state; bf16-pure and fp16 keep
+        DeepSpeed's low-precision weights with fp32 master copies, a different layout: refuse to mix them."""
+        recorded = ckpt.read_meta(path).get("precision")  # None: written before fastmae recorded it
+        if recorded in PRECISIONS and weight_dtype_of(recorded) != weight_dtype(self.cfg):
+            raise ckpt.CheckpointError(
+                f"--resume {path} was written with --precision {recorded} ({weight_dtype_of(recorded)} weights); "
+                f"resume it with --precision {recorded}, or start a new run from its weights"
+            )
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -100,7 +112,7 @@ class Trainer:
             f"fastmae: {c.model} @ {c.input_size}px on {self.dist.world_size} x {self.device.type}, data "
             f"{self.loader.name} ({self.loader.num_images} images, {self.loader.steps_per_epoch} batches/epoch/rank), "
             f"batch {c.batch_size}/rank x accum {c.accum_iter} = {c.eff_batch_size}, lr {c.lr:.3g} (blr {c.blr:.3g}), "
-            f"ZeRO {e.zero_optimization_stage()}, {c.precision}, {self.total_steps} steps, output {c.output_dir}"
+            f"ZeRO {e.zero_optimization_stage()}, {self.precision}, {self.total_steps} steps, output {c.output_dir}"
         )
 
     def _epochs(self, start_epoch: int) -> int | None:
@@ -223,7 +235,7 @@ class Trainer:
                 _trainer_state(prog, self.loader, self.guard, self.dist.world_size), self.dist.rank,
                 keep_last=self.cfg.keep_last, fault_disk_full=prog.step == self.cfg.fault_disk_full_step,
                 model_meta={"name": self.cfg.model, "norm_pix_loss": self.cfg.norm_pix_loss,
-                            "input_size": self.cfg.input_size},
+                            "input_size": self.cfg.input_size}, precision=self.cfg.precision,
             )
         except ckpt.CheckpointError as e:
             keep = prog.last_saved or "none"
