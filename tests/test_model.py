@@ -131,3 +131,20 @@ def test_unknown_model_and_backend():
         create_model("mae_vit_gigantic")
     with pytest.raises(ValueError, match="backend must be"):
         create_model(TINY, backend="opencl")
+
+
+@pytest.mark.parametrize("decoder_depth", [0, 1])
+def test_masked_only_with_shallow_decoders(decoder_depth):
+    """With one decoder block it is also the last (rows only); with none the rows come from the embedding."""
+    from fastmae.models.reference_mae import ReferenceMAE
+
+    kw = {k: v for k, v in model_config(TINY).items() if k != "name"} | {"decoder_depth": decoder_depth}
+    torch.manual_seed(0)
+    reference = ReferenceMAE(**kw, norm_pix_loss=True).double()
+    model = MaskedAutoencoderViT(**kw, norm_pix_loss=True, backend="torch").double()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 64, dtype=torch.float64)
+    loss_r, pred_r, mask = reference(imgs, 0.75, noise)
+    loss_m, pred_m, _ = model(imgs, 0.75, noise, masked_only=True)
+    torch.testing.assert_close(pred_m, pred_r[mask.bool()].view(2, 48, -1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss_m, loss_r, rtol=1e-10, atol=1e-10)

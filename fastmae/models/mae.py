@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastmae_kernels as fk
 from fastmae.models.mae_base import MAEParameters
+from fastmae.models.vit_block import select_rows
 from fastmae_kernels import reference as ref
 
 
@@ -54,12 +55,14 @@ class MaskedAutoencoderViT(MAEParameters):
         )  # [N, L, Dd]
         cls = x[:, :1] + self.decoder_pos_embed[:, :1]
         x = torch.cat([cls.to(patches.dtype), patches], dim=1)  # [N, 1+L, Dd]
-        for blk in self.decoder_blocks[:-1]:
-            x = self._run_block(blk, x)
+        out_rows = None if rows is None else rows + 1  # [N, M] in the sequence: the cls token leads it
+        last = len(self.decoder_blocks) - 1
+        for i, blk in enumerate(self.decoder_blocks):
+            x = self._run_block(blk, x, out_rows if i == last else None)  # the last: [N, M, Dd] with rows
         if rows is None:
-            x = self._run_block(self.decoder_blocks[-1], x)[:, 1:]  # [N, L, Dd] without the cls token
-        else:
-            x = self._run_block(self.decoder_blocks[-1], x, rows + 1)  # [N, M, Dd]; +1: cls leads the sequence
+            x = x[:, 1:]  # [N, L, Dd] without the cls token
+        elif last < 0:  # no decoder blocks: the rows straight from the embedding
+            x = select_rows(x, out_rows)
         return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
