@@ -43,6 +43,39 @@ def test_guard_catches_a_nonfinite_gradient_with_a_finite_loss():
     assert guard.consecutive_bad == 0 and not guard.should_stop
 
 
+def test_guard_sees_every_micro_batch_of_an_accumulated_step():
+    """Gradient accumulation: an Inf in the first micro-batch's gradient must not be overwritten by the
+    second's finite one (each parameter's sum has one slot per backward); reset clears it; bf16 gradients
+    are summed in fp32."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    poison = {"on": True}
+    model.blocks[0].attn.qkv.weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2)
+    imgs, noise = _batch()
+    for _ in range(2):  # micro-batch 1 poisoned, micro-batch 2 clean
+        loss, _, _ = model(imgs, noise=noise)
+        guard.note_loss(loss)
+        loss.backward()
+        poison["on"] = False
+    assert guard.local_bad().item() == 1.0
+    guard.reset()
+    assert guard.local_bad().item() == 0.0
+    model.zero_grad()
+    loss, _, _ = model(imgs, noise=noise)
+    guard.note_loss(loss)
+    loss.backward()
+    assert guard.local_bad().item() == 0.0
+    bf16 = create_model("mae_vit_tiny_patch4_dec64d2b").bfloat16()
+    guard = NanGuard(bf16, torch.device("cpu"), max_bad_steps=2)
+    loss, _, _ = bf16(imgs.bfloat16(), noise=noise)
+    guard.note_loss(loss)
+    loss.backward()
+    assert guard.local_bad().item() == 0.0
+    want = torch.stack([p.grad.float().sum() for p in bf16.parameters() if p.requires_grad])
+    torch.testing.assert_close(guard._acc, want.sum(), rtol=1e-4, atol=1e-4)  # the sums were really taken
+
+
 def test_guard_catches_a_nan_loss():
     model = create_model("mae_vit_tiny_patch4_dec64d2b")
     guard = NanGuard(model, torch.device("cpu"), max_bad_steps=1)

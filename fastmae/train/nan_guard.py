@@ -1,11 +1,15 @@
 """NaN/Inf guard: a step whose loss or gradients are not finite on any rank is skipped on every rank.
 
-Gradient hooks add each parameter's local gradient sum into one device scalar while backward runs
-(NaN and Inf propagate through a sum), so the check costs one small reduction per parameter and no
-host sync; the trainer reads the flag once per optimizer step, in the same all-reduce as the
-preemption flag. Local gradients are checked before DeepSpeed reduces them: a non-finite local
-gradient on any rank makes the reduced one non-finite too.
+Gradient hooks write each parameter's local gradient sum (fp32) into its slot of one device vector while
+backward runs (NaN and Inf propagate through a sum): one reduction kernel per parameter and no host sync
+(ViT-B has 252 parameter tensors; the first version also launched an add per parameter, and a cast for
+bf16 gradients). The slots are folded into one scalar before the next backward and when the flag is read,
+so no micro-batch of an accumulated step is overwritten unseen. The trainer reads the flag once per
+optimizer step, in the same all-reduce as the preemption flag. Local gradients are checked before DeepSpeed
+reduces them: a non-finite local gradient on any rank makes the reduced one non-finite too.
 """
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -17,20 +21,33 @@ class NanGuard:
         self.consecutive_bad = 0
         self.skipped_steps = 0
         self._acc = torch.zeros((), dtype=torch.float32, device=device)
-        self._handles = [p.register_hook(self._hook) for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._sums = torch.zeros(len(params), dtype=torch.float32, device=device)  # this backward's, per param
+        # a leaf's hook runs once per backward (a leaf used twice gets its gradients summed first)
+        self._handles = [p.register_hook(functools.partial(self._hook, i)) for i, p in enumerate(params)]
 
-    def _hook(self, grad: torch.Tensor) -> None:
-        self._acc.add_(grad.detach().float().sum())  # finite iff every element is finite (barring overflow)
+    def _hook(self, slot: int, grad: torch.Tensor) -> None:
+        # finite iff every element is finite (barring overflow); fp32 accumulation without a cast copy
+        torch.sum(grad.detach(), dim=tuple(range(grad.dim())), dtype=torch.float32, out=self._sums[slot])
+
+    def _fold(self) -> None:
+        """The slots into the scalar, then zeroed: a parameter without a gradient next time keeps no stale value."""
+        self._acc.add_(self._sums.sum())
+        self._sums.zero_()
 
     def note_loss(self, loss: torch.Tensor) -> None:
+        """Called before each backward: the previous micro-batch's gradient sums are folded in first."""
+        self._fold()
         self._acc.add_(loss.detach().float() * 0)  # 0 * nan = nan, 0 * inf = nan: poisons the flag
 
     def local_bad(self) -> torch.Tensor:
         """1.0 when this rank saw a non-finite loss or gradient since the last reset (device scalar)."""
+        self._fold()
         return (~torch.isfinite(self._acc)).float()
 
     def reset(self) -> None:
         self._acc.zero_()
+        self._sums.zero_()
 
     def record(self, bad: bool) -> None:
         if bad:
