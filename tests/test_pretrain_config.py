@@ -267,3 +267,28 @@ def test_reconstruction_grid_png(tmp_path):
     mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
     want = ((imgs[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     assert np.array_equal(arr[2:66:2, 2:66:2], want)
+
+
+def test_start_up_check_names_the_precision_and_refuses_a_mismatch():
+    """The trainer checks what DeepSpeed really did: weights' dtype and autocast must match --precision (a
+    DeepSpeed that ignored its torch_autocast section would otherwise train in plain fp32 silently)."""
+    import torch
+
+    from fastmae.train.engine import check_precision
+
+    class Engine:
+        def __init__(self, dtype, autocast):
+            self.module, self.autocast = torch.nn.Linear(2, 2).to(dtype), autocast
+
+        def torch_autocast_enabled(self):
+            return self.autocast
+
+    def with_precision(p):
+        return type("Cfg", (), {"precision": p})()
+
+    assert check_precision(Engine(torch.float32, True), with_precision("bf16")) == "bf16 (float32 weights, bf16 autocast)"
+    assert check_precision(Engine(torch.bfloat16, False), with_precision("bf16-pure")) == "bf16-pure (bfloat16 weights)"
+    for dtype, autocast, precision in [(torch.float32, False, "bf16"), (torch.bfloat16, False, "bf16"),
+                                       (torch.float32, False, "bf16-pure"), (torch.float32, True, "fp32")]:
+        with pytest.raises(RuntimeError, match=f"--precision {precision}: DeepSpeed left"):
+            check_precision(Engine(dtype, autocast), with_precision(precision))

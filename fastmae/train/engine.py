@@ -3,7 +3,7 @@
 import torch
 
 from fastmae.models.registry import create_model
-from fastmae.train.config import TrainConfig
+from fastmae.train.config import AUTOCAST_PRECISIONS, TrainConfig
 from fastmae.train.optim import StepGate, build_optimizer
 
 
@@ -52,9 +52,10 @@ def check_precision(engine, cfg: TrainConfig) -> str:
     would otherwise train in plain fp32 without a word."""
     dtypes = {p.dtype for p in engine.module.parameters()}
     autocast = bool(engine.torch_autocast_enabled()) if hasattr(engine, "torch_autocast_enabled") else False
-    want_autocast = cfg.precision == "bf16"
+    want_autocast = cfg.precision in AUTOCAST_PRECISIONS
     if dtypes != {weight_dtype(cfg)} or autocast != want_autocast:
         raise RuntimeError(f"--precision {cfg.precision}: DeepSpeed left the weights in {sorted(map(str, dtypes))} "
                            f"with autocast {'on' if autocast else 'off'}")
     weights = str(weight_dtype(cfg)).replace("torch.", "")
-    return f"{cfg.precision} ({weights} weights{', bf16 autocast' if autocast else ''})"
+    cast = f", {AUTOCAST_PRECISIONS[cfg.precision].replace('bfloat16', 'bf16')} autocast" if autocast else ""
+    return f"{cfg.precision} ({weights} weights{cast})"
