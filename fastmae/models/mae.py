@@ -15,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 import fastmae_kernels as fk
 from fastmae.models.mae_base import MAEParameters
 from fastmae.models.vit_block import select_rows
-from fastmae_kernels import reference as ref
 
 
 class MaskedAutoencoderViT(MAEParameters):
@@ -68,14 +67,15 @@ class MaskedAutoencoderViT(MAEParameters):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return fk.masked_mse_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, backend=self.backend)
 
-    def forward_loss_rows(self, imgs: torch.Tensor, pred: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The official loss from the masked rows alone: pred [N, M, p*p*C] at patches `rows` [N, M] (all
-        masked), so the mean over masked patches is the plain mean; fp32 as the fused loss (fp64 for fp64)."""
-        target = fk.gather_patches(imgs, rows, self.patch_size, backend=self.backend)  # [N, M, p*p*C]
-        target = target.to(torch.promote_types(target.dtype, torch.float32))
-        if self.norm_pix_loss:
-            target = ref.normalize_patches(target)
-        return ((pred.to(target.dtype) - target) ** 2).mean()
+    def forward_loss_rows(self, imgs: torch.Tensor, pred: torch.Tensor, rows: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """The official loss from the masked rows' predictions pred [N, M, p*p*C] at patches `rows` [N, M]:
+        they go back to their places in a zero [N, L, p*p*C] and the fused loss reads those rows only (the
+        mask weighs the others 0). One scatter (~77 MB of bf16 at ViT-B b256) keeps the loss one kernel each
+        way; targets gathered for the rows plus the norm-pix MSE in torch ops would be ~16 kernels in eager."""
+        full = pred.new_zeros(pred.shape[0], mask.shape[1], pred.shape[2])  # [N, L, p*p*C]
+        full = full.scatter(1, rows.unsqueeze(-1).expand(-1, -1, pred.shape[2]), pred)
+        return self.forward_loss(imgs, full, mask)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 masked_only: bool = False):
@@ -91,4 +91,4 @@ class MaskedAutoencoderViT(MAEParameters):
         keep = latent.shape[1] - 1
         rows = torch.argsort(mask, dim=1, stable=True)[:, keep:]  # [N, L-K] masked patches, ascending
         pred = self.forward_decoder(latent, ids_restore, rows)
-        return self.forward_loss_rows(imgs, pred, rows), pred, mask
+        return self.forward_loss_rows(imgs, pred, rows, mask), pred, mask
