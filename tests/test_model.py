@@ -148,3 +148,42 @@ def test_masked_only_with_shallow_decoders(decoder_depth):
     loss_m, pred_m, _ = model(imgs, 0.75, noise, masked_only=True)
     torch.testing.assert_close(pred_m, pred_r[mask.bool()].view(2, 48, -1), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(loss_m, loss_r, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_attention_layout_equals_timm_formulation_with_one_pass_less():
+    """fastmae's Attention splits q, k, v by unbind(2) + transpose; the reference keeps timm's permute + unbind.
+    Same values and gradients; in backward the fast one writes the qkv gradient once (a stack straight into
+    the Linear's layout) where timm's stacks and then copies it."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmae.models.vit_block import Attention, PlainAttention
+
+    class CopiesMiB(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mib = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(k in str(func) for k in ("copy", "cat", "stack", "clone")):
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                self.mib[str(func)] += sum(o.numel() * o.element_size() for o in outs) / 2**20
+            return out
+
+    torch.manual_seed(0)
+    fast, plain = Attention(48, 6).double(), PlainAttention(48, 6).double()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 37, 48, dtype=torch.float64, requires_grad=True)
+    results = []
+    for attn in (fast, plain):
+        with CopiesMiB() as copies:
+            y = attn(x)
+            (gx,) = torch.autograd.grad(y.square().sum(), x)
+        results.append((y, gx, sum(copies.mib.values())))
+    (y_f, g_f, mib_f), (y_p, g_p, mib_p) = results
+    torch.testing.assert_close(y_f, y_p, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(g_f, g_p, rtol=1e-13, atol=1e-13)
+    qkv_grad_mib = 3 * 37 * 3 * 48 * 8 / 2**20
+    assert mib_p - mib_f == pytest.approx(qkv_grad_mib), (mib_f, mib_p)

@@ -4,10 +4,15 @@ unshuffle, loss on patchified targets). Tests and benchmarks compare fastmae aga
 import torch
 
 from fastmae.models.mae_base import MAEParameters
+from fastmae.models.vit_block import PlainBlock
 from fastmae_kernels import reference as ref
 
 
 class ReferenceMAE(MAEParameters):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("block_cls", PlainBlock)  # timm's attention formulation, as the official code
+        super().__init__(*args, **kwargs)
+
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         x = self.patch_embed(imgs)  # [N, L, D]
         x = x + self.pos_embed[:, 1:, :]

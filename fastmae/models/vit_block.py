@@ -28,14 +28,31 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N, C] -> [B, N, C], or [B, M, C] with the queries at `rows` [B, M] only."""
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, hd]
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)  # [B, N, 3, H, hd]
+        # unbind on dim 2, then transpose: in backward autograd stacks dq, dk, dv straight into qkv's layout
+        # (one write); timm's permute(2, 0, 3, 1, 4).unbind(0) stacks them as [3, B, H, N, hd] and then copies
+        # that into [B, N, 3C] for the Linear's backward: one more pass over the qkv gradient per block in
+        # eager mode (counted with a dispatch mode on CPU: stack + clone vs stack)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, N, hd]
         if rows is not None:
             # one qkv GEMM for all tokens: splitting off the M query rows would save only a third of it on
             # the N - M others, for a second launch and a strided weight slice
             q = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B, H, M, hd]
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, hd]
         return self.proj(x.transpose(1, 2).reshape(b, q.shape[2], c))
+
+
+class PlainAttention(Attention):
+    """timm's / the official MAE's formulation, op for op (permute then unbind): the reference MAE's."""
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            raise ValueError("the plain reference attention computes every row")
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -50,10 +67,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    attention_cls = Attention
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_layer=nn.LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.attn = self.attention_cls(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -62,3 +81,9 @@ class Block(nn.Module):
         attn = self.attn(self.norm1(x), rows)  # [B, N or M, C]
         x = x + attn if rows is None else select_rows(x, rows) + attn
         return x + self.mlp(self.norm2(x))
+
+
+class PlainBlock(Block):
+    """The reference MAE's block: timm's attention formulation, same parameters and names."""
+
+    attention_cls = PlainAttention
