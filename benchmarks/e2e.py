@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/e2e.py` from anywhere
 
-from benchmarks import common, profiling  # noqa: E402
+from benchmarks import common  # noqa: E402
+from fastmae import profiling  # noqa: E402
 from fastmae.models import create_model, model_config  # noqa: E402
 from fastmae.speed import COMPILE_MODES, make_optimizer, optimize_model  # noqa: E402
 from fastmae.train.optim import param_groups  # noqa: E402  (the official no-decay split, as in training)

@@ -21,6 +21,7 @@ log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$DE
 pack() { tar -czf "$DEST/gpu_check.tgz" -C "$(dirname "$WORK")" gpu_check; }
 keep_run() {  # keep_run NAME: a trainer run's logs and checkpoint listing (not the checkpoints) into the tarball
   mkdir -p "$WORK/$1" && cp /tmp/$1/*.jsonl /tmp/$1/*.txt /tmp/$1/*.png "$WORK/$1/" 2>/dev/null
+  cp -r /tmp/$1/profile "$WORK/$1/" 2>/dev/null  # --profile_steps: top ops, kernel kinds, busy fraction
   ls -laR /tmp/$1/checkpoints >"$WORK/$1/checkpoints_listing.txt" 2>&1
   pack
 }
@@ -53,7 +54,8 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 # 2. The trainer itself on the GPU, which no run had done before: ViT-B, --precision bf16 (autocast over fp32
 #    weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the end-of-run barrier + NCCL
 #    teardown + os._exit; then 60 steps with --compile (prediction: within 10% of e2e's fast-compiled, the
-#    rest being DeepSpeed's step overhead). Needs DeepSpeed, which the image lacks: `bash
+#    rest being DeepSpeed's step overhead), profiled over steps 6-10: its busy fraction against e2e's 97%
+#    measures the host gaps (DeepSpeed's overlap_comm sync, the guard's all-reduce; NOTES §6.3). Needs DeepSpeed, which the image lacks: `bash
 #    scripts/gpu_wheels.sh` here, then carry .whl in the device call.
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 HAVE_DS=0
@@ -68,7 +70,7 @@ if ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
     --save_every_steps 20 --output_dir /tmp/pretrain_B
   keep_run pretrain_B
   TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --precision bf16 \
-    --compile --max_steps 60 --save_every_steps 1000 --output_dir /tmp/pretrain_B_compiled
+    --compile --max_steps 60 --profile_steps 5 --save_every_steps 1000 --output_dir /tmp/pretrain_B_compiled
   keep_run pretrain_B_compiled
 else
   log "skip pretrain_B: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)"

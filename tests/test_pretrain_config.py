@@ -292,3 +292,7 @@ def test_start_up_check_names_the_precision_and_refuses_a_mismatch():
                                        (torch.float32, False, "bf16-pure"), (torch.float32, True, "fp32")]:
         with pytest.raises(RuntimeError, match=f"--precision {precision}: DeepSpeed left"):
             check_precision(Engine(dtype, autocast), with_precision(precision))
+
+
+def test_bad_profile_steps(tmp_path):
+    assert "--profile_steps must be >= 0" in bad(["--profile_steps", "-1"], tmp_path)

@@ -90,6 +90,8 @@ class TrainConfig:
     world_size: int
     ds_config: dict = field(default_factory=dict)
     """The DeepSpeed config this run hands to deepspeed.initialize."""
+    profile_steps: int = 0
+    """torch.profiler over this many optimizer steps after a 5-step warm-up (output_dir/profile/); 0 = off."""
     fault_nan_steps: tuple[int, ...] = ()
     fault_disk_full_step: int = 0
     fault_step_sleep: float = 0.0
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", type=int, default=None, help="size of the embedded default data set")
     p.add_argument("--image_size", type=int, default=None, help="side of the embedded default images (px)")
     # fault injection for the reliability tests and the soak benchmark (not for users)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="profile this many optimizer steps after 5 warm-up steps into output_dir/profile/ (rank 0)")
     p.add_argument("--fault_nan_steps", default="", help=argparse.SUPPRESS)
     p.add_argument("--fault_disk_full_step", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fault_step_sleep", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -298,6 +302,8 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
                         ("--keep_last", a.keep_last), ("--max_bad_steps", a.max_bad_steps)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if a.profile_steps < 0:
+        raise ConfigError(f"--profile_steps must be >= 0, got {a.profile_steps}")
     try:
         nan_steps = tuple(int(s) for s in a.fault_nan_steps.split(",") if s.strip())
     except ValueError:
@@ -314,7 +320,7 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         grad_checkpointing=a.grad_checkpointing, compile=a.compile,
         default_num_images=a.num_images if a.num_images is not None else preset["default_num_images"],
         default_image_size=a.image_size if a.image_size is not None else preset["default_image_size"],
-        device_type=device_type, world_size=world_size, fault_nan_steps=nan_steps,
+        device_type=device_type, world_size=world_size, profile_steps=a.profile_steps, fault_nan_steps=nan_steps,
         fault_disk_full_step=a.fault_disk_full_step, fault_step_sleep=a.fault_step_sleep,
     )
     if cfg.num_workers < 0 or cfg.default_num_images < 1 or cfg.default_image_size < 1:

@@ -17,6 +17,7 @@ from fastmae.train.logging import StepTimer, TrainLogger
 from fastmae.train.nan_guard import NanGuard
 from fastmae.train.schedule import lr_at, set_lr
 from fastmae.train.signals import PreemptionFlag
+from fastmae.train.step_profiler import StepProfiler
 
 EXIT_OK, EXIT_TOO_MANY_BAD_STEPS, EXIT_CHECKPOINT_FAILED = 0, 3, 4
 
@@ -58,6 +59,7 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.sample_imgs: torch.Tensor | None = None
+        self.profiler = StepProfiler(cfg.profile_steps, self.device, cfg.output_dir, enabled=dist.is_main)
 
     # -- start / resume -----------------------------------------------------------------------------
     def restore(self) -> int:
@@ -104,6 +106,7 @@ class Trainer:
                 code = self._finish()
             return code
         finally:
+            self.profiler.close()
             self.log.close()
 
     def describe(self) -> str:
@@ -180,6 +183,7 @@ class Trainer:
         self.guard.reset()
         self.guard.record(bad)
         prog.step += 1
+        self.profiler.step_done(prog.step)
         interval_loss += step_loss if not bad else 0.0
         timer.images += cfg.batch_size * cfg.accum_iter
         timer.steps += 1

@@ -1,5 +1,7 @@
 """Where a training step's device time goes: torch.profiler over a few steps, kernels grouped by kind
-(matmul, attention, LayerNorm, GELU, optimizer, ...), so each optimisation starts from a measured share."""
+(matmul, attention, LayerNorm, GELU, optimizer, ...), so each optimisation starts from a measured share.
+Used by benchmarks/e2e.py (`profile_step`, a step closure) and by the trainer (`--profile_steps`, which
+drives its own profiler and calls `summarize`)."""
 
 import json
 from collections import defaultdict
@@ -39,12 +41,22 @@ def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_
     "device_ms_per_step": summed kernel time per step (on CPU: summed aten self time), "annotation_spans_ms":
     {range name: its span on the GPU timeline per step} (e.g. the optimizer step, gaps included)}."""
     device = torch.device(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities_for(device)) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    return summarize(prof, device, steps, out_dir, tag, trace)
+
+
+def activities_for(device: torch.device) -> list:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+
+
+def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, trace: bool = False) -> dict:
+    """The files and numbers of `profile_step` from a finished profiler that covered `steps` steps."""
+    device = torch.device(device)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if trace:
         prof.export_chrome_trace(str(out_dir / f"{tag}.trace.json"))

@@ -1,0 +1,29 @@
+"""`pretrain.py --profile_steps N`: the real trainer, profiled over N optimizer steps after its warm-up; rank 0
+writes the top ops, the kernel kinds and a summary with wall time, kernel time and their ratio per step."""
+
+import json
+import os
+
+import pytest
+
+from fastmae.train import launch_local as L
+from fastmae.train.step_profiler import WARMUP_STEPS
+
+pytestmark = pytest.mark.slow
+
+
+def test_profile_steps_writes_a_measured_summary(tmp_path):
+    out = tmp_path / "run"
+    code, log = L.run(["--num_images", "128", "--epochs", "1", "--warmup_epochs", "0", "--loader", "torchvision",
+                       "--num_workers", "0", "--batch_size", "8", "--max_steps", str(WARMUP_STEPS + 3),
+                       "--profile_steps", "2", "--output_dir", str(out)], 1, tmp_dir=str(tmp_path), timeout=300)
+    assert code == 0, log[-3000:]
+    prof = out / "profile"
+    assert {"trainer.top.txt", "trainer.categories.json", "trainer.kernels.json", "trainer.summary.json"} <= set(
+        os.listdir(prof))
+    summary = json.loads((prof / "trainer.summary.json").read_text())
+    assert summary["steps"] == 2 and summary["after_warmup_steps"] == WARMUP_STEPS
+    assert summary["wall_ms_per_step"] > summary["kernel_ms_per_step"] > 0  # the host does more than aten ops
+    assert 0 < summary["busy"] < 1 and summary["kernel_kind"] == "aten self CPU time"
+    assert "matmul" in summary["shares"] and abs(sum(summary["shares"].values()) - 1) < 1e-6
+    assert "aten::" in (prof / "trainer.top.txt").read_text()
