@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastmae pretrain: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     dist = D.init_distributed()
-    from fastmae.train.loop import run
-
     from fastmae.train.checkpoint import CheckpointError
+    from fastmae.train.loop import run
 
     try:
         code = run(cfg, dist, preempt)

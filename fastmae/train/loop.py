@@ -183,7 +183,7 @@ class Trainer:
         self.guard.reset()
         self.guard.record(bad)
         prog.step += 1
-        self.profiler.step_done(prog.step)
+        self.profiler.step_done()
         interval_loss += step_loss if not bad else 0.0
         timer.images += cfg.batch_size * cfg.accum_iter
         timer.steps += 1

@@ -24,15 +24,18 @@ class StepProfiler:
         self.out_dir = os.path.join(output_dir, "profile")
         self._prof = None
         self._t0 = 0.0
+        self._done = 0  # optimizer steps of this process (a resumed run counts from its own start)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def step_done(self, step: int) -> None:
-        """Called after every optimizer step (`step` = steps done): profiles steps WARMUP+1 .. WARMUP+N."""
+    def step_done(self) -> None:
+        """Called after every optimizer step: profiles this process's steps WARMUP+1 .. WARMUP+N."""
         if not self.enabled:
             return
+        self._done += 1
+        step = self._done
         if step == WARMUP_STEPS:
             self._sync()
             self._prof = torch.profiler.profile(activities=profiling.activities_for(self.device))
