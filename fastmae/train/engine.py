@@ -29,21 +29,13 @@ def build_engine(cfg: TrainConfig, device: torch.device):
     return engine, optimizer, gate
 
 
+# --precision -> the dtype DeepSpeed keeps the model's weights in (autocast: fp32); the images fed to the engine
+# take it too (autocast casts fp32 images itself)
 WEIGHT_DTYPES = {"bf16": torch.float32, "bf16-pure": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def weight_dtype_of(precision: str) -> torch.dtype:
-    """The dtype DeepSpeed keeps the model's weights in for a --precision (autocast: fp32)."""
-    return WEIGHT_DTYPES[precision]
-
-
-def weight_dtype(cfg: TrainConfig) -> torch.dtype:
-    return weight_dtype_of(cfg.precision)
-
-
 def input_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype of the images fed to the engine: its weights' dtype (autocast casts fp32 images itself)."""
-    return weight_dtype(cfg)
+    return WEIGHT_DTYPES[cfg.precision]
 
 
 def check_precision(engine, cfg: TrainConfig) -> str:
@@ -53,9 +45,10 @@ def check_precision(engine, cfg: TrainConfig) -> str:
     dtypes = {p.dtype for p in engine.module.parameters()}
     autocast = bool(engine.torch_autocast_enabled()) if hasattr(engine, "torch_autocast_enabled") else False
     want_autocast = cfg.precision in AUTOCAST_PRECISIONS
-    if dtypes != {weight_dtype(cfg)} or autocast != want_autocast:
+    weight_dtype = WEIGHT_DTYPES[cfg.precision]
+    if dtypes != {weight_dtype} or autocast != want_autocast:
         raise RuntimeError(f"--precision {cfg.precision}: DeepSpeed left the weights in {sorted(map(str, dtypes))} "
                            f"with autocast {'on' if autocast else 'off'}")
-    weights = str(weight_dtype(cfg)).replace("torch.", "")
+    weights = str(weight_dtype).replace("torch.", "")
     cast = f", {AUTOCAST_PRECISIONS[cfg.precision].replace('bfloat16', 'bf16')} autocast" if autocast else ""
     return f"{cfg.precision} ({weights} weights{cast})"

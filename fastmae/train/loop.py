@@ -12,7 +12,7 @@ from fastmae.train import checkpoint as ckpt
 from fastmae.train import distributed as D
 from fastmae.train import rng
 from fastmae.train.config import PRECISIONS, TrainConfig
-from fastmae.train.engine import build_engine, check_precision, input_dtype, weight_dtype, weight_dtype_of
+from fastmae.train.engine import WEIGHT_DTYPES, build_engine, check_precision, input_dtype
 from fastmae.train.logging import StepTimer, TrainLogger
 from fastmae.train.nan_guard import NanGuard
 from fastmae.train.schedule import lr_at, set_lr
@@ -86,9 +86,9 @@ class Trainer:
         """fp32 and bf16 (autocast) keep fp32 weights and the same optimizer state; bf16-pure and fp16 keep
         DeepSpeed's low-precision weights with fp32 master copies, a different layout: refuse to mix them."""
         recorded = ckpt.read_meta(path).get("precision")  # None: written before fastmae recorded it
-        if recorded in PRECISIONS and weight_dtype_of(recorded) != weight_dtype(self.cfg):
+        if recorded in PRECISIONS and WEIGHT_DTYPES[recorded] != WEIGHT_DTYPES[self.cfg.precision]:
             raise ckpt.CheckpointError(
-                f"--resume {path} was written with --precision {recorded} ({weight_dtype_of(recorded)} weights); "
+                f"--resume {path} was written with --precision {recorded} ({WEIGHT_DTYPES[recorded]} weights); "
                 f"resume it with --precision {recorded}, or start a new run from its weights"
             )
 
