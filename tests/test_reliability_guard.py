@@ -16,6 +16,14 @@ def _batch():
     return torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 64, generator=g)
 
 
+def _guarded_backward(model, guard: NanGuard, imgs, noise) -> torch.Tensor:
+    """One forward + backward as the trainer does it: the guard sees the loss, then the gradients."""
+    loss, _, _ = model(imgs, noise=noise)
+    guard.note_loss(loss)
+    loss.backward()
+    return loss
+
+
 def test_guard_catches_a_nonfinite_gradient_with_a_finite_loss():
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch4_dec64d2b")
@@ -24,17 +32,13 @@ def test_guard_catches_a_nonfinite_gradient_with_a_finite_loss():
     model.blocks[1].mlp.fc1.weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)
     guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2)
     imgs, noise = _batch()
-    loss, _, _ = model(imgs, noise=noise)
-    guard.note_loss(loss)
-    loss.backward()
+    _guarded_backward(model, guard, imgs, noise)
     assert guard.local_bad().item() == 0.0
     guard.reset()
     model.zero_grad()
     # an Inf appears in one gradient only (e.g. an overflow inside backward)
     poison["on"] = True
-    loss, _, _ = model(imgs, noise=noise)
-    guard.note_loss(loss)
-    loss.backward()
+    loss = _guarded_backward(model, guard, imgs, noise)
     assert torch.isfinite(loss) and guard.local_bad().item() == 1.0
     guard.record(True)
     guard.record(True)
@@ -54,23 +58,17 @@ def test_guard_sees_every_micro_batch_of_an_accumulated_step():
     guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2)
     imgs, noise = _batch()
     for _ in range(2):  # micro-batch 1 poisoned, micro-batch 2 clean
-        loss, _, _ = model(imgs, noise=noise)
-        guard.note_loss(loss)
-        loss.backward()
+        _guarded_backward(model, guard, imgs, noise)
         poison["on"] = False
     assert guard.local_bad().item() == 1.0
     guard.reset()
     assert guard.local_bad().item() == 0.0
     model.zero_grad()
-    loss, _, _ = model(imgs, noise=noise)
-    guard.note_loss(loss)
-    loss.backward()
+    _guarded_backward(model, guard, imgs, noise)
     assert guard.local_bad().item() == 0.0
     bf16 = create_model("mae_vit_tiny_patch4_dec64d2b").bfloat16()
     guard = NanGuard(bf16, torch.device("cpu"), max_bad_steps=2)
-    loss, _, _ = bf16(imgs.bfloat16(), noise=noise)
-    guard.note_loss(loss)
-    loss.backward()
+    _guarded_backward(bf16, guard, imgs.bfloat16(), noise)
     assert guard.local_bad().item() == 0.0
     want = torch.stack([p.grad.float().sum() for p in bf16.parameters() if p.requires_grad])
     torch.testing.assert_close(guard._acc, want.sum(), rtol=1e-4, atol=1e-4)  # the sums were really taken
