@@ -127,6 +127,38 @@ def test_shipped_ds_configs_parse(tmp_path, name):
     assert c.zero_stage == int(name[4]) and c.precision == "bf16"  # the official AMP recipe, in bf16
 
 
+def test_ds_config_turns_off_the_synchronizing_throughput_timer_unless_the_file_sets_it(tmp_path):
+    """DeepSpeed's throughput timer synchronizes the device twice per step (tests/test_host_syncs.py)."""
+    assert cfg([], tmp_path).ds_config["timers"] == {"throughput": {"enabled": False}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"timers": {"throughput": {"enabled": True, "synchronized": False}}}))
+    assert cfg(["--deepspeed_config", str(path)], tmp_path).ds_config["timers"]["throughput"]["enabled"]
+
+
+@pytest.mark.parametrize("argv, file_zero, want", [
+    (["--zero_stage", "2"], {}, False),
+    (["--zero_stage", "1", "--precision", "fp32"], {}, False),
+    (["--zero_stage", "2", "--clip_grad", "1.0"], {}, None),  # clipping needs the norm
+    (["--zero_stage", "2", "--precision", "bf16-pure"], {}, None),  # DeepSpeed's bf16 optimizer keeps its own
+    (["--zero_stage", "0"], {}, None),
+    (["--zero_stage", "3"], {}, None),  # DeepSpeed has the switch for ZeRO 1/2 only
+    (["--zero_stage", "2"], {"compute_grad_norm": True}, True),  # the user's file wins
+])
+def test_grad_norm_is_off_where_nothing_uses_it(tmp_path, argv, file_zero, want):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from fastmae.train.engine import without_grad_norm
+
+    if "compute_grad_norm" not in DeepSpeedZeroConfig.model_fields:
+        pytest.skip("this DeepSpeed has no zero_optimization.compute_grad_norm")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": file_zero}))
+    c = cfg(["--deepspeed_config", str(path), *argv], tmp_path)
+    ds = without_grad_norm(c.ds_config, c)
+    assert ds["zero_optimization"].get("compute_grad_norm") is want
+    assert "compute_grad_norm" not in c.ds_config["zero_optimization"] or file_zero  # the resolved config is untouched
+
+
 # -- bad input: one line each ------------------------------------------------------------------------
 def test_bad_missing_data_folder(tmp_path):
     assert "does not exist" in bad(["--data_path", str(tmp_path / "nope")], tmp_path)

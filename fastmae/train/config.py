@@ -357,6 +357,10 @@ def build_ds_config(base: dict, cfg: TrainConfig) -> dict:
     ds["gradient_clipping"] = cfg.clip_grad
     ds.setdefault("steps_per_print", 10**12)  # fastmae logs; keep DeepSpeed's own step print quiet
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer (on by default) synchronizes the device at the start of every forward and
+    # the end of every step (utils/timer.py) to time them; fastmae logs its own images/s from host time
+    # between log lines, so the timer would only stall the host twice a step.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     ds["zero_allow_untested_optimizer"] = True  # the client AdamW (fused torch) under ZeRO
     return ds
 

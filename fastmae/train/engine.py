@@ -4,7 +4,7 @@ import torch
 
 from fastmae.models.registry import create_model
 from fastmae.train.config import AUTOCAST_PRECISIONS, TrainConfig
-from fastmae.train.optim import StepGate, build_optimizer
+from fastmae.train.optim import build_optimizer
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -25,8 +25,25 @@ def build_engine(cfg: TrainConfig, device: torch.device):
 
     model = build_model(cfg, device)
     optimizer, gate = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg.ds_config)
+    config = without_grad_norm(cfg.ds_config, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer, gate
+
+
+def without_grad_norm(ds: dict, cfg: TrainConfig) -> dict:
+    """ZeRO-1/2 compute the global gradient norm every step and, for fp32 weights, read whether it is finite
+    on the host (DeepSpeed 0.19: `is_invalid_grad_norm` in stage_1_and_2.py), a wait for the device per step.
+    fastmae needs neither: no clipping by default (as official pretraining) and its own NaN guard, which
+    skips a bad step on the device. So `compute_grad_norm: false` is set where DeepSpeed has it (newer than
+    0.17) and allows it: ZeRO 1/2, no clipping, fp32 weights (bf16 autocast or fp32; DeepSpeed's bf16 and
+    fp16 modes have their own optimizers and overflow checks). A value in the user's file wins."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds.get("zero_optimization", {})
+    if ("compute_grad_norm" not in DeepSpeedZeroConfig.model_fields or "compute_grad_norm" in zero
+            or cfg.zero_stage not in (1, 2) or cfg.clip_grad > 0 or WEIGHT_DTYPES[cfg.precision] != torch.float32):
+        return ds
+    return {**ds, "zero_optimization": {**zero, "compute_grad_norm": False}}
 
 
 # --precision -> the dtype DeepSpeed keeps the model's weights in (autocast: fp32); the images fed to the engine
