@@ -8,7 +8,8 @@ import torch
 
 from fastmae.models.registry import create_model
 from fastmae.train.nan_guard import NanGuard, params_finite_local
-from fastmae.train.optim import build_optimizer
+from fastmae.train.optim import StepGate, build_optimizer
+from fastmae.train.step_flags import LaggedFlags, StepFlags
 
 
 def _batch():
@@ -106,3 +107,48 @@ def test_vetoed_step_changes_nothing():
     with torch.no_grad():
         model.decoder_pred.bias[0] = float("nan")
     assert not params_finite_local(model)
+
+
+def test_device_flag_skips_a_fused_adamw_step_without_a_host_read():
+    """The trainer's usual skip: the all-reduced bad flag goes to fused AdamW as `found_inf`; a flag of 1
+    leaves parameters, moments and step count as they were, a flag of 0 is a normal step."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    opt, gate = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert gate.skips_on_device  # torch's fused AdamW, on CPU too
+    imgs, noise = _batch()
+    for flag in (0.0, 1.0, 0.0):
+        loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        gate.found_inf = torch.tensor(flag)
+        opt.step()
+        gate.found_inf = None
+        opt.zero_grad()
+        assert not hasattr(opt, "found_inf")  # not left on the optimizer for the next step
+        same = [torch.equal(before[0][k], p) for k, p in model.named_parameters() if p.requires_grad]
+        assert all(same) if flag else not any(same)
+        moments = [torch.equal(v, opt.state_dict()["state"][pid][k])
+                   for pid, st in before[1]["state"].items() for k, v in st.items()]
+        if flag:  # after a first real step, so there are moments and step counts to keep
+            assert moments and all(moments)
+        elif moments:
+            assert not all(moments)
+
+
+def test_only_fused_adam_skips_on_device():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert StepGate(torch.optim.AdamW(p, fused=True)).skips_on_device
+    assert not StepGate(torch.optim.AdamW(p, foreach=True)).skips_on_device
+    assert not StepGate(torch.optim.AdamW(p, foreach=False)).skips_on_device
+
+
+def test_lagged_flags_are_read_in_order_and_only_up_to_the_asked_step():
+    flags = LaggedFlags(torch.device("cpu"))
+    published = [flags.publish(1, torch.tensor(0.0), False), flags.publish(2, torch.tensor(1.0), False),
+                 flags.publish(3, torch.tensor(0.0), True)]
+    assert [f.tolist() for f in published] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]  # (bad, preempted), on device
+    assert flags.take(0) == []
+    assert flags.take(2) == [StepFlags(1, False, False), StepFlags(2, True, False)]
+    assert flags.take(2) == []  # each step's flags are read once
+    assert flags.take(5) == [StepFlags(3, False, True)]

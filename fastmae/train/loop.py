@@ -17,6 +17,7 @@ from fastmae.train.logging import StepTimer, TrainLogger
 from fastmae.train.nan_guard import NanGuard
 from fastmae.train.schedule import lr_at, set_lr
 from fastmae.train.signals import PreemptionFlag
+from fastmae.train.step_flags import LaggedFlags
 from fastmae.train.step_profiler import StepProfiler
 
 EXIT_OK, EXIT_TOO_MANY_BAD_STEPS, EXIT_CHECKPOINT_FAILED = 0, 3, 4
@@ -51,6 +52,7 @@ class Trainer:
         self.precision = check_precision(self.engine, cfg)  # e.g. "bf16 (float32 weights, bf16 autocast)"
         rng.seed_all(cfg.seed + dist.rank)  # per-rank streams for anything else random, as official
         self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps)
+        self.flags = LaggedFlags(self.device)
         self.num_patches = self.engine.module.patch_embed.num_patches
         self.dtype = input_dtype(cfg)
         self.progress = Progress()
@@ -59,6 +61,9 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.sample_imgs: torch.Tensor | None = None
+        self._preempted = False  # some rank was signalled, as of the last step whose flags were read
+        self._last_bad = False  # whether that step was skipped (the step log's bad_step)
+        self._stop_step: int | None = None  # the step that made too many bad steps in a row
         self.profiler = StepProfiler(cfg.profile_steps, self.device, cfg.output_dir, enabled=dist.is_main)
 
     # -- start / resume -----------------------------------------------------------------------------
@@ -175,37 +180,59 @@ class Trainer:
 
     def _optimizer_step(self, lr, epoch, step_loss, interval_loss, timer) -> int | None:
         cfg, prog = self.cfg, self.progress
-        bad, preempted = D.all_reduce_max([self.guard.local_bad(), float(self.preempt.raised)], self.device)
-        bad = bool(bad)
-        self.gate.veto = bad  # skip: parameters and AdamW state stay as they were
+        step = prog.step + 1
+        flags = self.flags.publish(step, self.guard.local_bad(), self.preempt.raised)  # [2] on the device
+        # A bad step is skipped on the device (fused AdamW), so the host reads its flags a step later; an
+        # optimizer that cannot skip on the device needs the flag now (a host wait).
+        on_device = self.gate.skips_on_device
+        if on_device:
+            self.gate.found_inf = flags[0]
+        else:
+            self._read_flags(step)
+            self.gate.veto = self._last_bad
         self.engine.step()
-        self.gate.veto = False
+        self.gate.found_inf, self.gate.veto = None, False
         self.guard.reset()
-        self.guard.record(bad)
-        prog.step += 1
+        interval_loss += torch.where(flags[0] > 0, torch.zeros_like(step_loss), step_loss)  # a bad step counts 0
+        prog.step = step
         self.profiler.step_done()
-        interval_loss += step_loss if not bad else 0.0
         timer.images += cfg.batch_size * cfg.accum_iter
         timer.steps += 1
         if cfg.fault_step_sleep:
             time.sleep(cfg.fault_step_sleep)
-        if prog.step % cfg.log_every == 0 or prog.step >= self.total_steps or preempted:
-            self._log_step(lr, epoch, step_loss, interval_loss, timer, bad)
+        log_now = step % cfg.log_every == 0 or step >= self.total_steps
+        save_now = step % cfg.save_every_steps == 0 or step >= self.total_steps
+        # a step that reads the device anyway (a log line, a checkpoint, the last step) reads its own flags now
+        self._read_flags(step if log_now or save_now else step - 1)
+        if self._preempted:
+            self._read_flags(step)  # the checkpoint below records this step's skipped count too
+        if log_now or self._preempted:
+            self._log_step(lr, epoch, step_loss, interval_loss, timer, self._last_bad)
         self.log.advance()
-        if bad and self.guard.should_stop:
+        if self._stop_step is not None:
             where = prog.last_saved or "none (no checkpoint was written yet)"
-            self._say(f"fastmae: stopping after {self.guard.consecutive_bad} consecutive steps with NaN/Inf loss or "
-                      f"gradients (step {prog.step}); last good checkpoint: {where}")
+            self._say(f"fastmae: stopping after {cfg.max_bad_steps} consecutive steps with NaN/Inf loss or "
+                      f"gradients (step {self._stop_step}); last good checkpoint: {where}")
             return EXIT_TOO_MANY_BAD_STEPS
         # A skipped step left the last good state in place, so saving now is safe (and save() re-checks).
-        if preempted or prog.step % cfg.save_every_steps == 0 or prog.step >= self.total_steps:
+        if self._preempted or save_now:
             code = self._save()
             if code is not None:
                 return code
-        if preempted:
+        if self._preempted:
             self._say(f"fastmae: preempted (signal); checkpoint {prog.last_saved} written at step {prog.step}; exiting")
             return EXIT_OK
         return None
+
+    def _read_flags(self, up_to_step: int) -> None:
+        """Acts on the flags of the steps up to `up_to_step` not read yet, in order: counts the skipped steps,
+        notes the step where a streak of bad steps reached --max_bad_steps, and a preemption."""
+        for f in self.flags.take(up_to_step):
+            self.guard.record(f.bad)
+            self._last_bad = f.bad
+            self._preempted = self._preempted or f.preempted
+            if f.bad and self.guard.should_stop and self._stop_step is None:
+                self._stop_step = f.step
 
     def _log_step(self, lr, epoch, step_loss, interval_loss, timer, bad) -> None:
         vals = D.all_reduce_mean(torch.stack([step_loss.float(), interval_loss.float()]))
@@ -225,6 +252,7 @@ class Trainer:
     def _log_epoch(self, epoch, epoch_loss, batches, lr) -> None:
         if batches == 0:
             return
+        self._read_flags(self.progress.step)  # the skipped count below includes the epoch's last step
         mean = D.all_reduce_mean(epoch_loss / batches).item()
         self.log.epoch({"train_loss": mean, "train_lr": lr, "epoch": epoch, "step": self.progress.step,
                         "skipped_steps": self.guard.skipped_steps})
