@@ -1,0 +1,107 @@
+"""The trainer's steady step never makes the host wait for the device (CPU runs of the real trainer).
+
+A host wait per step idles a GPU while the host runs DeepSpeed's step, the loader and the next forward's
+launches. `_host_sync_worker.py` counts, per optimizer step, every tensor read back to the host and every
+DeepSpeed synchronize() made by the trainer, the model or DeepSpeed. Before 2026-11-28 a ZeRO-2 step made four:
+DeepSpeed's throughput timer (2 synchronize), DeepSpeed's finite-norm check and the trainer's NaN/preemption
+flag read. Now the only read is of the previous step's flags, copied to host memory a step earlier.
+
+The lag must not change what a bad step does: it is skipped on the device (fused AdamW's found_inf) and
+counted a step later, so a run that reads its flags late ends bit-identical to one that reads them at once.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmae.train import checkpoint as ckpt
+from fastmae.train import launch_local as L
+
+pytestmark = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 6
+QUIET = ["--log_every", "1000", "--save_every_steps", "1000"]  # no step reads the device for a log or checkpoint
+COMMON = ["--num_images", "96", "--epochs", "1", "--warmup_epochs", "0", "--loader", "torchvision",
+          "--num_workers", "0", "--batch_size", "8", "--max_steps", str(STEPS)]
+
+
+def _count_syncs(tmp_path, zero_stage: int) -> list[dict]:
+    out = tmp_path / f"syncs{zero_stage}.json"
+    cmd = [sys.executable, os.path.join(HERE, "_host_sync_worker.py"), str(out), "--", *COMMON, *QUIET,
+           "--zero_stage", str(zero_stage), "--output_dir", str(tmp_path / f"run{zero_stage}")]
+    proc = subprocess.run(cmd, env=L.child_env(str(tmp_path)), cwd=L.ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = json.loads(out.read_text())["steps"]
+    assert len(steps) == STEPS
+    return steps
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_steady_step_reads_only_the_previous_steps_flags(tmp_path, zero_stage):
+    steps = _count_syncs(tmp_path, zero_stage)
+    # DeepSpeed's timer starts at its step 2, the first flag read is step 1's during step 2: steady from step 3
+    for step, sites in enumerate(steps[2:], start=3):
+        assert not [s for s in sites if s.startswith("synchronize")], (step, sites)
+        assert sum(sites.values()) == 1 and all("fastmae/train/step_flags.py" in s for s in sites), (step, sites)
+
+
+def _final_state(out: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(ckpt.root_dir(out), ckpt.tag_for(STEPS))
+    found = {}
+    for f in sorted(os.listdir(path)):
+        if f.startswith(("mp_rank", "zero_pp")):
+            sd = torch.load(os.path.join(path, f), map_location="cpu", weights_only=False)
+            found.update({f"{f}/{k}": v for k, v in sd["module"].items()} if "module" in sd and sd["module"] else {})
+            opt = sd.get("optimizer_state_dict") or {}
+            for i, t in enumerate(_tensors(opt)):
+                found[f"{f}/opt{i}"] = t
+    return found
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_a_late_read_bad_step_is_skipped_exactly_as_a_read_at_once(tmp_path):
+    """2 ranks, ZeRO-2, a NaN loss at step 3: read late (no log line, no checkpoint until the end) vs read at
+    once (a log line every step) end in the same weights and AdamW state, bit for bit, and both count it."""
+    runs = {}
+    for name, extra in (("late", QUIET), ("at_once", ["--log_every", "1", "--save_every_steps", "1000"])):
+        out = str(tmp_path / name)
+        code, log = L.run([*COMMON, *extra, "--zero_stage", "2", "--fault_nan_steps", "3", "--output_dir", out], 2,
+                          tmp_dir=str(tmp_path), timeout=300)
+        assert code == 0, log[-3000:]
+        trainer = torch.load(os.path.join(ckpt.root_dir(out), ckpt.tag_for(STEPS), "trainer_rank00000.pt"),
+                             weights_only=False)
+        assert trainer["skipped_steps"] == 1, name
+        runs[name] = _final_state(out)
+    late, at_once = runs["late"], runs["at_once"]
+    assert late.keys() == at_once.keys() and len(late) > 10
+    for k in late:
+        assert torch.equal(late[k], at_once[k]), k  # NaN never equals itself: a NaN step applied would fail here
+    steps = L.read_steps(str(tmp_path / "at_once"))
+    assert [steps[s]["bad_step"] for s in range(1, STEPS + 1)] == [False, False, True, False, False, False]
+
+
+def test_a_late_read_streak_of_bad_steps_stops_the_run(tmp_path):
+    out = str(tmp_path / "streak")
+    code, log = L.run([*COMMON, *QUIET, "--fault_nan_steps", "3,4", "--max_bad_steps", "2", "--output_dir", out], 1,
+                      tmp_dir=str(tmp_path), timeout=300)
+    assert code == 3, log[-3000:]
+    stop = [ln for ln in log.splitlines() if "consecutive" in ln]
+    assert len(stop) == 1 and "(step 4)" in stop[0], stop
+    assert stop[0].endswith("last good checkpoint: none (no checkpoint was written yet)"), stop
+    assert ckpt.complete_checkpoints(ckpt.root_dir(out)) == []
