@@ -12,8 +12,10 @@ counted a step later, so a run that reads its flags late ends bit-identical to o
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -105,3 +107,29 @@ def test_a_late_read_streak_of_bad_steps_stops_the_run(tmp_path):
     assert len(stop) == 1 and "(step 4)" in stop[0], stop
     assert stop[0].endswith("last good checkpoint: none (no checkpoint was written yet)"), stop
     assert ckpt.complete_checkpoints(ckpt.root_dir(out)) == []
+
+
+def test_a_late_read_preemption_checkpoints_on_every_rank_at_the_same_step(tmp_path):
+    """SIGUSR1 to one of 2 ranks while no step reads its flags at once: both ranks learn it a step later from
+    the all-reduced flags, write one checkpoint at the same step and exit 0."""
+    out, log_path = str(tmp_path / "preempt"), str(tmp_path / "preempt.log")
+    args = ["--num_images", "640", "--epochs", "1", "--warmup_epochs", "0", "--loader", "torchvision",
+            "--num_workers", "0", "--batch_size", "8", "--max_steps", "40", *QUIET, "--zero_stage", "2",
+            "--fault_step_sleep", "0.5", "--output_dir", out]
+    proc = L.start(args, 2, tmp_dir=str(tmp_path), log_path=log_path)
+    deadline = time.time() + 240
+    while "fastmae: mae_vit" not in open(log_path, errors="replace").read():  # the start-up line: steps begin
+        assert proc.poll() is None and time.time() < deadline, open(log_path, errors="replace").read()[-3000:]
+        time.sleep(0.2)
+    time.sleep(2.0)  # a few steps in
+    workers = L.worker_pids(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 0, open(log_path, errors="replace").read()[-3000:]
+    saved = ckpt.complete_checkpoints(ckpt.root_dir(out))
+    assert len(saved) == 1 and 1 <= saved[0][0] < 40, saved
+    step, path = saved[0]
+    assert f"checkpoint {path} written at step {step}; exiting" in open(log_path, errors="replace").read()
+    for rank in (0, 1):
+        state = torch.load(os.path.join(path, f"trainer_rank{rank:05d}.pt"), weights_only=False)
+        assert state["step"] == step and state["loader"]["batch"] == step and state["skipped_steps"] == 0
