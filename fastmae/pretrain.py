@@ -43,16 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         code = run(cfg, dist, preempt)
-    except CheckpointError as e:  # a --resume that cannot be used: the same on every rank, one line
-        if rank == 0:
-            print(f"fastmae pretrain: error: {e}", file=sys.stderr, flush=True)
-        with contextlib.suppress(Exception):
-            D.finish_distributed(wait_for_peers=False)
-        return EXIT_BAD_INPUT
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):  # the run's own error is the one to report
             D.finish_distributed(wait_for_peers=False)  # the other ranks may never reach a barrier
-        raise
+        if not isinstance(e, CheckpointError):
+            raise
+        # a --resume that cannot be used: the same on every rank, one line
+        if rank == 0:
+            print(f"fastmae pretrain: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     D.finish_distributed(wait_for_peers=True)  # tear the process group down while the interpreter is whole
     return code
 
