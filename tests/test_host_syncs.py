@@ -32,10 +32,10 @@ COMMON = ["--num_images", "96", "--epochs", "1", "--warmup_epochs", "0", "--load
           "--num_workers", "0", "--batch_size", "8", "--max_steps", str(STEPS)]
 
 
-def _count_syncs(tmp_path, zero_stage: int) -> list[dict]:
-    out = tmp_path / f"syncs{zero_stage}.json"
+def _count_syncs(tmp_path, zero_stage: int, precision: str) -> list[dict]:
+    out = tmp_path / "syncs.json"
     cmd = [sys.executable, os.path.join(HERE, "_host_sync_worker.py"), str(out), "--", *COMMON, *QUIET,
-           "--zero_stage", str(zero_stage), "--output_dir", str(tmp_path / f"run{zero_stage}")]
+           "--zero_stage", str(zero_stage), "--precision", precision, "--output_dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=L.child_env(str(tmp_path)), cwd=L.ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,9 +44,10 @@ def _count_syncs(tmp_path, zero_stage: int) -> list[dict]:
     return steps
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_a_steady_step_reads_only_the_previous_steps_flags(tmp_path, zero_stage):
-    steps = _count_syncs(tmp_path, zero_stage)
+@pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (2, "fp32"), (2, "bf16-pure")])
+def test_a_steady_step_reads_only_the_previous_steps_flags(tmp_path, zero_stage, precision):
+    """(bf16 autocast takes the fp32-weights path of DeepSpeed, counted the same by hand on 2026-11-28.)"""
+    steps = _count_syncs(tmp_path, zero_stage, precision)
     # DeepSpeed's timer starts at its step 2, the first flag read is step 1's during step 2: steady from step 3
     for step, sites in enumerate(steps[2:], start=3):
         assert not [s for s in sites if s.startswith("synchronize")], (step, sites)
@@ -77,14 +78,15 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def test_a_late_read_bad_step_is_skipped_exactly_as_a_read_at_once(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])  # fp32 master partitions; bf16 weights copied back
+def test_a_late_read_bad_step_is_skipped_exactly_as_a_read_at_once(tmp_path, precision):
     """2 ranks, ZeRO-2, a NaN loss at step 3: read late (no log line, no checkpoint until the end) vs read at
     once (a log line every step) end in the same weights and AdamW state, bit for bit, and both count it."""
     runs = {}
     for name, extra in (("late", QUIET), ("at_once", ["--log_every", "1", "--save_every_steps", "1000"])):
         out = str(tmp_path / name)
-        code, log = L.run([*COMMON, *extra, "--zero_stage", "2", "--fault_nan_steps", "3", "--output_dir", out], 2,
-                          tmp_dir=str(tmp_path), timeout=300)
+        code, log = L.run([*COMMON, *extra, "--zero_stage", "2", "--precision", precision, "--fault_nan_steps", "3",
+                           "--output_dir", out], 2, tmp_dir=str(tmp_path), timeout=300)
         assert code == 0, log[-3000:]
         trainer = torch.load(os.path.join(ckpt.root_dir(out), ckpt.tag_for(STEPS), "trainer_rank00000.pt"),
                              weights_only=False)

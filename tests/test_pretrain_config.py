@@ -135,16 +135,19 @@ def test_ds_config_turns_off_the_synchronizing_throughput_timer_unless_the_file_
     assert cfg(["--deepspeed_config", str(path)], tmp_path).ds_config["timers"]["throughput"]["enabled"]
 
 
-@pytest.mark.parametrize("argv, file_zero, want", [
+@pytest.mark.parametrize("argv, file, want", [
     (["--zero_stage", "2"], {}, False),
     (["--zero_stage", "1", "--precision", "fp32"], {}, False),
+    (["--zero_stage", "2", "--precision", "bf16-pure"], {}, False),
     (["--zero_stage", "2", "--clip_grad", "1.0"], {}, None),  # clipping needs the norm
-    (["--zero_stage", "2", "--precision", "bf16-pure"], {}, None),  # DeepSpeed's bf16 optimizer keeps its own
+    (["--zero_stage", "2", "--precision", "fp16"], {}, None),  # loss scaling needs DeepSpeed's checks
+    # ZeRO-1 with bf16 weights and fp32 gradient accumulation is DeepSpeed's bf16 optimizer: no switch there
+    (["--zero_stage", "1", "--precision", "bf16-pure"], {"data_types": {"grad_accum_dtype": "fp32"}}, None),
     (["--zero_stage", "0"], {}, None),
     (["--zero_stage", "3"], {}, None),  # DeepSpeed has the switch for ZeRO 1/2 only
-    (["--zero_stage", "2"], {"compute_grad_norm": True}, True),  # the user's file wins
+    (["--zero_stage", "2"], {"zero_optimization": {"compute_grad_norm": True}}, True),  # the user's file wins
 ])
-def test_grad_norm_is_off_where_nothing_uses_it(tmp_path, argv, file_zero, want):
+def test_grad_norm_is_off_where_nothing_uses_it(tmp_path, argv, file, want):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from fastmae.train.engine import without_grad_norm
@@ -152,11 +155,30 @@ def test_grad_norm_is_off_where_nothing_uses_it(tmp_path, argv, file_zero, want)
     if "compute_grad_norm" not in DeepSpeedZeroConfig.model_fields:
         pytest.skip("this DeepSpeed has no zero_optimization.compute_grad_norm")
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": file_zero}))
-    c = cfg(["--deepspeed_config", str(path), *argv], tmp_path)
+    path.write_text(json.dumps(file))
+    c = cfg(["--deepspeed_config", str(path), *argv], tmp_path, device="cuda")  # cuda: fp16 is allowed
     ds = without_grad_norm(c.ds_config, c)
     assert ds["zero_optimization"].get("compute_grad_norm") is want
-    assert "compute_grad_norm" not in c.ds_config["zero_optimization"] or file_zero  # the resolved config is untouched
+    assert "compute_grad_norm" not in c.ds_config["zero_optimization"] or file  # the resolved config is untouched
+
+
+def test_warns_of_deepspeeds_many_waits_only_for_bf16_pure_zero0_on_cuda(tmp_path):
+    from fastmae.train.engine import host_wait_warning
+
+    warning = host_wait_warning(cfg(["--precision", "bf16-pure", "--zero_stage", "0"], tmp_path, device="cuda"))
+    assert warning and "--zero_stage 1 or 2" in warning and "\n" not in warning
+    assert host_wait_warning(cfg(["--precision", "bf16-pure", "--zero_stage", "2"], tmp_path, device="cuda")) is None
+    assert host_wait_warning(cfg(["--precision", "bf16", "--zero_stage", "0"], tmp_path, device="cuda")) is None
+    assert host_wait_warning(cfg(["--precision", "bf16-pure", "--zero_stage", "0"], tmp_path)) is None  # CPU
+
+
+def test_bf16_pure_leaves_the_nan_check_to_fastmaes_guard_unless_the_file_sets_it(tmp_path):
+    """DeepSpeed's bf16 overflow check reads the device every step; fastmae's guard skips bad steps on it."""
+    assert cfg(["--precision", "bf16-pure"], tmp_path).ds_config["bf16"]["check_grad_overflow"] is False
+    assert "check_grad_overflow" not in cfg(["--precision", "bf16"], tmp_path).ds_config["bf16"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": True}}))
+    assert cfg(["--deepspeed_config", str(path)], tmp_path).ds_config["bf16"]["check_grad_overflow"] is True
 
 
 # -- bad input: one line each ------------------------------------------------------------------------
@@ -318,7 +340,8 @@ def test_start_up_check_names_the_precision_and_refuses_a_mismatch():
     def with_precision(p):
         return type("Cfg", (), {"precision": p})()
 
-    assert check_precision(Engine(torch.float32, True), with_precision("bf16")) == "bf16 (float32 weights, bf16 autocast)"
+    want = "bf16 (float32 weights, bf16 autocast)"
+    assert check_precision(Engine(torch.float32, True), with_precision("bf16")) == want
     assert check_precision(Engine(torch.bfloat16, False), with_precision("bf16-pure")) == "bf16-pure (bfloat16 weights)"
     for dtype, autocast, precision in [(torch.float32, False, "bf16"), (torch.bfloat16, False, "bf16"),
                                        (torch.float32, False, "bf16-pure"), (torch.float32, True, "fp32")]:

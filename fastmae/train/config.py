@@ -344,6 +344,10 @@ def build_ds_config(base: dict, cfg: TrainConfig) -> dict:
     zero["stage"] = cfg.zero_stage
     ds.pop("bfloat16", None)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16-pure"}
+    if cfg.precision == "bf16-pure":
+        # DeepSpeed (0.19.8: on by default; 0.17.2: off) reads on the host whether each step's gradients are
+        # finite, to skip a bad step; fastmae's NaN guard does that on the device, without the wait
+        ds["bf16"].setdefault("check_grad_overflow", False)
     autocast = ds.get("torch_autocast", {})
     if cfg.precision in AUTOCAST_PRECISIONS:
         # every gradient reduced in fp32, as the official DDP run did (DeepSpeed's default would reduce the

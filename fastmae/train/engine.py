@@ -31,17 +31,21 @@ def build_engine(cfg: TrainConfig, device: torch.device):
 
 
 def without_grad_norm(ds: dict, cfg: TrainConfig) -> dict:
-    """ZeRO-1/2 compute the global gradient norm every step and, for fp32 weights, read whether it is finite
-    on the host (DeepSpeed 0.19: `is_invalid_grad_norm` in stage_1_and_2.py), a wait for the device per step.
-    fastmae needs neither: no clipping by default (as official pretraining) and its own NaN guard, which
-    skips a bad step on the device. So `compute_grad_norm: false` is set where DeepSpeed has it (newer than
-    0.17) and allows it: ZeRO 1/2, no clipping, fp32 weights (bf16 autocast or fp32; DeepSpeed's bf16 and
-    fp16 modes have their own optimizers and overflow checks). A value in the user's file wins."""
+    """ZeRO-1/2 compute the global gradient norm every step and read on the host whether it is finite
+    (DeepSpeed 0.19.8: `is_invalid_grad_norm` in stage_1_and_2.py; for bf16 weights also an overflow check,
+    see config.build_ds_config), a wait for the device per step. fastmae needs neither: no clipping by
+    default (as official pretraining) and its own NaN guard, which skips a bad step on the device. So
+    `compute_grad_norm: false` is set where DeepSpeed has the switch (0.19.8 has it, 0.17.2 not) and allows
+    it: ZeRO 1/2, no clipping, bf16/fp32 weights, not DeepSpeed's separate bf16 optimizer (ZeRO-1 with bf16
+    weights and fp32 gradient accumulation). fp16 keeps DeepSpeed's checks (its loss scaling needs them).
+    A value in the user's file wins."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = ds.get("zero_optimization", {})
+    fp32_accum = str(ds.get("data_types", {}).get("grad_accum_dtype")) in ("fp32", "float32", "float", "torch.float32")
+    bf16_optimizer = cfg.precision == "bf16-pure" and cfg.zero_stage == 1 and fp32_accum
     if ("compute_grad_norm" not in DeepSpeedZeroConfig.model_fields or "compute_grad_norm" in zero
-            or cfg.zero_stage not in (1, 2) or cfg.clip_grad > 0 or WEIGHT_DTYPES[cfg.precision] != torch.float32):
+            or cfg.zero_stage not in (1, 2) or cfg.clip_grad > 0 or cfg.precision == "fp16" or bf16_optimizer):
         return ds
     return {**ds, "zero_optimization": {**zero, "compute_grad_norm": False}}
 
@@ -69,3 +73,13 @@ def check_precision(engine, cfg: TrainConfig) -> str:
     weights = str(weight_dtype).replace("torch.", "")
     cast = f", {AUTOCAST_PRECISIONS[cfg.precision].replace('bfloat16', 'bf16')} autocast" if autocast else ""
     return f"{cfg.precision} ({weights} weights{cast})"
+
+
+def host_wait_warning(cfg: TrainConfig) -> str | None:
+    """A start-up warning for a setting whose DeepSpeed optimizer makes the host wait for the GPU many times
+    per step (counted on the CPU, tests/_host_sync_worker.py; DeepSpeed 0.19.8)."""
+    if cfg.device_type == "cuda" and cfg.precision == "bf16-pure" and cfg.zero_stage == 0:
+        return ("fastmae: warning: --precision bf16-pure with ZeRO-0 runs DeepSpeed's bf16 optimizer, which reads "
+                "every gradient tensor's finiteness and two norms on the host each step (a GPU wait each); "
+                "--zero_stage 1 or 2 has none")
+    return None

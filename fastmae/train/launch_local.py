@@ -29,7 +29,8 @@ def child_env(tmp_dir: str | None = None) -> dict:
     return env
 
 
-def torchrun_cmd(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+def torchrun_cmd(args: list[str], nproc: int, *, nnodes: int = 1, node_rank: int = 0,
+                 port: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
            "--max_restarts=0", "--monitor_interval=0.2", PRETRAIN]
