@@ -152,3 +152,19 @@ def test_lagged_flags_are_read_in_order_and_only_up_to_the_asked_step():
     assert flags.take(2) == [StepFlags(1, False, False), StepFlags(2, True, False)]
     assert flags.take(2) == []  # each step's flags are read once
     assert flags.take(5) == [StepFlags(3, False, True)]
+
+
+def test_fp16_guard_leaves_gradient_overflow_to_the_loss_scaler_but_catches_a_nan_loss():
+    """fp16 gradients are loss-scaled: an Inf there is DeepSpeed's scaler's business (it skips the step and
+    lowers the scale), and early streaks of them must not stop the run; a non-finite loss still counts."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    model.blocks[1].mlp.fc1.weight.register_hook(lambda g: g * float("inf"))  # every step "overflows"
+    guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2, check_grads=False)
+    imgs, noise = _batch()
+    _guarded_backward(model, guard, imgs, noise)
+    assert guard.local_bad().item() == 0.0
+    assert not torch.isfinite(model.blocks[1].mlp.fc1.weight.grad).all()  # the overflow was there
+    guard.reset()
+    guard.note_loss(torch.tensor(float("nan")))
+    assert guard.local_bad().item() == 1.0

@@ -51,7 +51,7 @@ class Trainer:
         self.engine, self.optimizer, self.gate = build_engine(cfg, self.device)
         self.precision = check_precision(self.engine, cfg)  # e.g. "bf16 (float32 weights, bf16 autocast)"
         rng.seed_all(cfg.seed + dist.rank)  # per-rank streams for anything else random, as official
-        self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps)
+        self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps, check_grads=cfg.precision != "fp16")
         self.flags = LaggedFlags(self.device)
         self.num_patches = self.engine.module.patch_embed.num_patches
         self.dtype = input_dtype(cfg)

@@ -16,12 +16,16 @@ import torch.nn as nn
 
 
 class NanGuard:
-    def __init__(self, model: nn.Module, device: torch.device, max_bad_steps: int):
+    """`check_grads=False` (fp16): gradients are loss-scaled, and an overflow there is routine while
+    DeepSpeed's dynamic loss scaler looks for its scale (it skips those steps itself); only a non-finite
+    loss then counts as a bad step, so a run of early overflows cannot stop the run."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_bad_steps: int, check_grads: bool = True):
         self.max_bad_steps = max_bad_steps
         self.consecutive_bad = 0
         self.skipped_steps = 0
         self._acc = torch.zeros((), dtype=torch.float32, device=device)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] if check_grads else []
         self._sums = torch.zeros(len(params), dtype=torch.float32, device=device)  # this backward's, per param
         # a leaf's hook runs once per backward (a leaf used twice gets its gradients summed first)
         self._handles = [p.register_hook(functools.partial(self._hook, i)) for i, p in enumerate(params)]
