@@ -349,5 +349,14 @@ def test_start_up_check_names_the_precision_and_refuses_a_mismatch():
             check_precision(Engine(dtype, autocast), with_precision(precision))
 
 
+def test_compile_mode_reaches_the_model_and_needs_compile(tmp_path):
+    c = cfg(["--compile", "--compile_mode", "max-autotune-no-cudagraphs"], tmp_path)
+    assert c.compile and c.compile_mode == "max-autotune-no-cudagraphs"
+    assert cfg([], tmp_path).compile_mode == "default"
+    assert "needs --compile" in bad(["--compile_mode", "max-autotune-no-cudagraphs"], tmp_path)
+    with pytest.raises(SystemExit):  # CUDA-graph modes are not offered by the trainer (argparse: exit 2)
+        cfg(["--compile", "--compile_mode", "reduce-overhead"], tmp_path)
+
+
 def test_bad_profile_steps(tmp_path):
     assert "--profile_steps must be >= 0" in bad(["--profile_steps", "-1"], tmp_path)

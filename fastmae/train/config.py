@@ -25,6 +25,10 @@ from fastmae.models.registry import model_config, model_names
 PRECISIONS = ("bf16", "bf16-pure", "fp16", "fp32")
 AUTOCAST_PRECISIONS = {"bf16": "bfloat16"}  # precision -> the torch_autocast dtype DeepSpeed runs the forward in
 BACKENDS = ("auto", "torch", "triton", "cuda")
+# torch.compile modes the trainer offers. The CUDA-graph modes (reduce-overhead, max-autotune) are left out: a
+# graph replay reuses its output buffers, gradients included, and DeepSpeed's gradient handling around them is
+# untested (benchmarks/e2e.py times them on a plain step).
+TRAINER_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
 
 # No-argument presets. CPU: a model that trains visibly in minutes on 2 cores. CUDA: the official
@@ -84,6 +88,7 @@ class TrainConfig:
     max_bad_steps: int
     grad_checkpointing: bool
     compile: bool
+    compile_mode: str
     default_num_images: int
     default_image_size: int
     device_type: str
@@ -160,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive NaN/Inf steps")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile_mode", default="default", choices=TRAINER_COMPILE_MODES,
+                   help="torch.compile mode with --compile (max-autotune-no-cudagraphs: GEMM autotuning, minutes "
+                        "at start)")
     p.add_argument("--num_images", type=int, default=None, help="size of the embedded default data set")
     p.add_argument("--image_size", type=int, default=None, help="side of the embedded default images (px)")
     # fault injection for the reliability tests and the soak benchmark (not for users)
@@ -273,6 +281,8 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         # in hooks that the whole-model compile cannot trace (it fails on the placeholders' shapes).
         raise ConfigError("--compile does not work with ZeRO stage 3; use --zero_stage 0-2 (every preset model, "
                           "ViT-H included, fits one 80 GB GPU with its optimizer state) or drop --compile")
+    if a.compile_mode != "default" and not a.compile:
+        raise ConfigError(f"--compile_mode {a.compile_mode} needs --compile")
     precision = a.precision or _ds_precision(ds, a.deepspeed_config) or preset["precision"]
     if precision == "fp16" and device_type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -317,7 +327,7 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         num_workers=a.num_workers if a.num_workers is not None else preset["num_workers"],
         zero_stage=zero_stage, precision=precision, max_steps=a.max_steps, loader=a.loader, backend=a.backend,
         save_every_steps=save_every, keep_last=a.keep_last, log_every=log_every, max_bad_steps=a.max_bad_steps,
-        grad_checkpointing=a.grad_checkpointing, compile=a.compile,
+        grad_checkpointing=a.grad_checkpointing, compile=a.compile, compile_mode=a.compile_mode,
         default_num_images=a.num_images if a.num_images is not None else preset["default_num_images"],
         default_image_size=a.image_size if a.image_size is not None else preset["default_image_size"],
         device_type=device_type, world_size=world_size, profile_steps=a.profile_steps, fault_nan_steps=nan_steps,

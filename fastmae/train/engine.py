@@ -13,7 +13,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     if cfg.grad_checkpointing or cfg.compile:
         from fastmae.speed import optimize_model
 
-        optimize_model(model, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing)
+        optimize_model(model, compile=cfg.compile, mode=cfg.compile_mode, grad_checkpointing=cfg.grad_checkpointing)
     return model
 
 

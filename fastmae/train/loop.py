@@ -123,8 +123,16 @@ class Trainer:
             f"fastmae: {c.model} @ {c.input_size}px on {self.dist.world_size} x {self.device.type}, data "
             f"{self.loader.name} ({self.loader.num_images} images, {self.loader.steps_per_epoch} batches/epoch/rank), "
             f"batch {c.batch_size}/rank x accum {c.accum_iter} = {c.eff_batch_size}, lr {c.lr:.3g} (blr {c.blr:.3g}), "
-            f"ZeRO {e.zero_optimization_stage()}, {self.precision}, {self.total_steps} steps, output {c.output_dir}"
+            f"ZeRO {e.zero_optimization_stage()}, {self.precision}, {self._speed()}, {self.total_steps} steps, "
+            f"output {c.output_dir}"
         )
+
+    def _speed(self) -> str:
+        c = self.cfg
+        parts = [f"compiled ({c.compile_mode})" if c.compile else "eager"]
+        if c.grad_checkpointing:
+            parts.append("block checkpointing")
+        return " + ".join(parts)
 
     def _epochs(self, start_epoch: int) -> int | None:
         cfg, spe = self.cfg, self.loader.steps_per_epoch
