@@ -27,7 +27,17 @@ def build_engine(cfg: TrainConfig, device: torch.device):
     optimizer, gate = build_optimizer(model, cfg.lr, cfg.weight_decay)
     config = without_grad_norm(cfg.ds_config, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    skip_single_rank_allreduce(engine)
     return engine, optimizer, gate
+
+
+def skip_single_rank_allreduce(engine) -> None:
+    """ZeRO-0 on one data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into
+    one buffer, reduce it over that one rank and copy it back (ViT-B: ~0.9 GB written and ~255 ops per
+    backward, counted on the CPU), changing no value. Turn it off there; ZeRO-1/2/3 keep their reduction,
+    which also fills their partitions."""
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
 
 
 def without_grad_norm(ds: dict, cfg: TrainConfig) -> dict:
