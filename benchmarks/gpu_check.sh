@@ -53,10 +53,9 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 
 # 2. The trainer itself on the GPU, which no run had done before: ViT-B, --precision bf16 (autocast over fp32
 #    weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the end-of-run barrier + NCCL
-#    teardown + os._exit; then 60 steps with --compile, profiled over steps 6-10 (prediction, NOTES §6.4: busy
-#    within 3 points of e2e's 97%, img/s within 5% of e2e's fast-compiled: the steady step no longer waits for
-#    the device); then the same with 3 of the 4 host waits per step of before 2026-11-28 put back (DeepSpeed's
-#    throughput timer and grad-norm check on; the flags still read late) to measure what such waits cost.
+#    teardown + os._exit; then 60 steps with --compile on ZeRO-0 (one GPU: ZeRO-1/2 partition nothing and only
+#    add gradient copies, NOTES §6.4), profiled over steps 6-10 (prediction, NOTES §6.4: busy within 3 points
+#    of e2e's 97%, img/s within 5% of e2e's fast-compiled: the steady step no longer waits for the device).
 #    Needs DeepSpeed, which the image lacks: `bash scripts/gpu_wheels.sh` here, then carry .whl in the call.
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 HAVE_DS=0
@@ -65,20 +64,15 @@ if ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
   log "wheels rc=$?"
   HAVE_DS=1
   PRETRAIN=(torchrun --nproc_per_node 1 fastmae/pretrain.py --model mae_vit_base_patch16_dec512d8b --loader synthetic
-    --batch_size 256 --num_images 20480 --epochs 2 --warmup_epochs 1 --zero_stage 2 --log_every 10)
+    --batch_size 256 --num_images 20480 --epochs 2 --warmup_epochs 1 --log_every 10)
   # outputs outside $WORK: the checkpoints (~1.3 GB each) must not go into the tarball
-  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B 80 "${PRETRAIN[@]}" --precision bf16 --max_steps 30 \
-    --save_every_steps 20 --output_dir /tmp/pretrain_B
+  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B 80 "${PRETRAIN[@]}" --zero_stage 2 --precision bf16 \
+    --max_steps 30 --save_every_steps 20 --output_dir /tmp/pretrain_B
   keep_run pretrain_B
-  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --precision bf16 \
-    --compile --max_steps 60 --profile_steps 5 --save_every_steps 1000 --output_dir /tmp/pretrain_B_compiled
+  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --zero_stage 0 \
+    --precision bf16 --compile --max_steps 60 --profile_steps 5 --save_every_steps 1000 \
+    --output_dir /tmp/pretrain_B_compiled
   keep_run pretrain_B_compiled
-  printf '{"timers": {"throughput": {"enabled": true}}, "zero_optimization": {"compute_grad_norm": true}}' \
-    >"$WORK/ds_with_syncs.json"
-  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled_syncs 100 "${PRETRAIN[@]}" --precision bf16 \
-    --compile --max_steps 40 --profile_steps 5 --save_every_steps 1000 --deepspeed_config "$WORK/ds_with_syncs.json" \
-    --output_dir /tmp/pretrain_B_compiled_syncs
-  keep_run pretrain_B_compiled_syncs
 else
   log "skip pretrain_B: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)"
 fi
@@ -88,12 +82,23 @@ fi
 TAIL=16 stage e2e_B 190 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
   --variants ref-compiled,fast-compiled,fast-compiled-fullpred
 
-# 4. DeepSpeed's bf16-weights mode, compiled: is the cheaper numerics (bf16 residual stream and LayerNorm
-#    inputs; 60x further from the fp32 loss curve on the CPU, docs/training.md) worth offering for speed?
+# 4. If the budget allows: the compiled trainer (ZeRO-0) with DeepSpeed's throughput timer put back (its 2
+#    device waits per step, removed 2026-11-28; NOTES §6.4 predicts 0.90-0.97x); then DeepSpeed's bf16-weights
+#    mode, compiled, against bf16 on the same ZeRO-2 (bf16-pure on ZeRO-0 runs DeepSpeed's bf16 optimizer,
+#    which waits on every gradient): is the cheaper numerics (bf16 residual stream and LayerNorm inputs; 60x
+#    further from the fp32 loss curve on the CPU, docs/training.md) worth offering for speed?
 if (( HAVE_DS )); then
-  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_pure_compiled 100 "${PRETRAIN[@]}" \
-    --precision bf16-pure --compile --max_steps 40 --save_every_steps 1000 --output_dir /tmp/pretrain_B_pure_compiled
-  keep_run pretrain_B_pure_compiled
+  printf '{"timers": {"throughput": {"enabled": true}}}' >"$WORK/ds_with_timer.json"
+  TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled_timer 100 "${PRETRAIN[@]}" --zero_stage 0 \
+    --precision bf16 --compile --max_steps 40 --profile_steps 5 --save_every_steps 1000 \
+    --deepspeed_config "$WORK/ds_with_timer.json" --output_dir /tmp/pretrain_B_compiled_timer
+  keep_run pretrain_B_compiled_timer
+  for precision in bf16 bf16-pure; do
+    TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage "pretrain_B_z2_compiled_$precision" 100 "${PRETRAIN[@]}" \
+      --zero_stage 2 --precision "$precision" --compile --max_steps 40 --save_every_steps 1000 \
+      --output_dir "/tmp/pretrain_B_z2_compiled_$precision"
+    keep_run "pretrain_B_z2_compiled_$precision"
+  done
 fi
 
 # 5. ViT-H eager, both sides in 3 rounds with a profile (the single-pass 0.966x of 2026-11-27 is unexplained:

@@ -162,14 +162,20 @@ def test_grad_norm_is_off_where_nothing_uses_it(tmp_path, argv, file, want):
     assert "compute_grad_norm" not in c.ds_config["zero_optimization"] or file  # the resolved config is untouched
 
 
-def test_warns_of_deepspeeds_many_waits_only_for_bf16_pure_zero0_on_cuda(tmp_path):
-    from fastmae.train.engine import host_wait_warning
+def test_start_up_warnings_name_the_slow_gpu_settings_and_the_fix(tmp_path):
+    from fastmae.train.engine import setup_warnings
 
-    warning = host_wait_warning(cfg(["--precision", "bf16-pure", "--zero_stage", "0"], tmp_path, device="cuda"))
-    assert warning and "--zero_stage 1 or 2" in warning and "\n" not in warning
-    assert host_wait_warning(cfg(["--precision", "bf16-pure", "--zero_stage", "2"], tmp_path, device="cuda")) is None
-    assert host_wait_warning(cfg(["--precision", "bf16", "--zero_stage", "0"], tmp_path, device="cuda")) is None
-    assert host_wait_warning(cfg(["--precision", "bf16-pure", "--zero_stage", "0"], tmp_path)) is None  # CPU
+    def warnings(argv, world=1, device="cuda"):
+        return setup_warnings(cfg(argv, tmp_path, world=world, device=device))
+
+    (pure,) = warnings(["--precision", "bf16-pure", "--zero_stage", "0"])
+    assert "bf16-pure with ZeRO-0" in pure and "--zero_stage 1 or 2" in pure and "\n" not in pure
+    (one_gpu,) = warnings(["--zero_stage", "2"])
+    assert "ZeRO-2 on one GPU" in one_gpu and "--zero_stage 0" in one_gpu
+    assert warnings(["--zero_stage", "2"], world=2) == []  # several GPUs: ZeRO-2 partitions
+    assert warnings(["--precision", "bf16", "--zero_stage", "0"]) == []
+    assert warnings(["--zero_stage", "3"]) == []
+    assert warnings(["--precision", "bf16-pure", "--zero_stage", "1"], device="cpu") == []  # no GPU to wait for
 
 
 def test_bf16_pure_leaves_the_nan_check_to_fastmaes_guard_unless_the_file_sets_it(tmp_path):

@@ -85,11 +85,18 @@ def check_precision(engine, cfg: TrainConfig) -> str:
     return f"{cfg.precision} ({weights} weights{cast})"
 
 
-def host_wait_warning(cfg: TrainConfig) -> str | None:
-    """A start-up warning for a setting whose DeepSpeed optimizer makes the host wait for the GPU many times
-    per step (counted on the CPU, tests/_host_sync_worker.py; DeepSpeed 0.19.8)."""
-    if cfg.device_type == "cuda" and cfg.precision == "bf16-pure" and cfg.zero_stage == 0:
-        return ("fastmae: warning: --precision bf16-pure with ZeRO-0 runs DeepSpeed's bf16 optimizer, which reads "
-                "every gradient tensor's finiteness and two norms on the host each step (a GPU wait each); "
-                "--zero_stage 1 or 2 has none")
-    return None
+def setup_warnings(cfg: TrainConfig) -> list[str]:
+    """Start-up warnings for GPU settings that cost speed for nothing (each counted on the CPU with DeepSpeed
+    0.19.8, benchmarks/NOTES.md §6.4)."""
+    if cfg.device_type != "cuda":
+        return []
+    warnings = []
+    if cfg.precision == "bf16-pure" and cfg.zero_stage == 0:
+        warnings.append("fastmae: warning: --precision bf16-pure with ZeRO-0 runs DeepSpeed's bf16 optimizer, which "
+                        "reads every gradient tensor's finiteness and two norms on the host each step (a GPU wait "
+                        "each); --zero_stage 1 or 2 has none")
+    if cfg.world_size == 1 and cfg.zero_stage in (1, 2):
+        warnings.append(f"fastmae: warning: ZeRO-{cfg.zero_stage} on one GPU partitions nothing but still copies every "
+                        "gradient into its buckets and flat partitions and back (ViT-B: ~2.7 GB written per step); "
+                        "--zero_stage 0 is faster with the same memory")
+    return warnings

@@ -12,7 +12,7 @@ from fastmae.train import checkpoint as ckpt
 from fastmae.train import distributed as D
 from fastmae.train import rng
 from fastmae.train.config import PRECISIONS, TrainConfig
-from fastmae.train.engine import WEIGHT_DTYPES, build_engine, check_precision, host_wait_warning, input_dtype
+from fastmae.train.engine import WEIGHT_DTYPES, build_engine, check_precision, input_dtype, setup_warnings
 from fastmae.train.logging import StepTimer, TrainLogger
 from fastmae.train.nan_guard import NanGuard
 from fastmae.train.schedule import lr_at, set_lr
@@ -105,8 +105,7 @@ class Trainer:
                                start_step=self.progress.step)
         if self.dist.is_main:
             self.log.message(self.describe())
-            warning = host_wait_warning(cfg)
-            if warning:
+            for warning in setup_warnings(cfg):
                 self.log.message(warning)
         try:
             code = self._epochs(start_epoch)
