@@ -135,3 +135,20 @@ def test_a_late_read_preemption_checkpoints_on_every_rank_at_the_same_step(tmp_p
     for rank in (0, 1):
         state = torch.load(os.path.join(path, f"trainer_rank{rank:05d}.pt"), weights_only=False)
         assert state["step"] == step and state["loader"]["batch"] == step and state["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])  # the guard reads kept .grad (ZeRO-0) or hooks them (ZeRO-1/2/3)
+def test_an_inf_gradient_with_a_finite_loss_is_skipped(tmp_path, zero_stage):
+    """Every gradient of step 3 made Inf behind a finite loss: the guard must see the gradients themselves
+    (a NaN-loss fault would not tell), skip the step and count it; the run ends normally with finite weights
+    (a checkpoint of non-finite weights is refused, exit 4)."""
+    out = str(tmp_path / "inf")
+    code, log = L.run([*COMMON, "--log_every", "1", "--save_every_steps", "1000", "--zero_stage", str(zero_stage),
+                       "--fault_inf_grad_steps", "3", "--output_dir", out], 1, tmp_dir=str(tmp_path), timeout=300)
+    assert code == 0, log[-3000:]
+    steps = L.read_steps(out)
+    assert [steps[s]["bad_step"] for s in range(1, STEPS + 1)] == [False, False, True, False, False, False]
+    assert all(torch.isfinite(torch.tensor(steps[s]["loss"])) for s in steps)
+    trainer = torch.load(os.path.join(ckpt.root_dir(out), ckpt.tag_for(STEPS), "trainer_rank00000.pt"),
+                         weights_only=False)
+    assert trainer["skipped_steps"] == 1

@@ -98,6 +98,7 @@ class TrainConfig:
     profile_steps: int = 0
     """torch.profiler over this many optimizer steps after a 5-step warm-up (output_dir/profile/); 0 = off."""
     fault_nan_steps: tuple[int, ...] = ()
+    fault_inf_grad_steps: tuple[int, ...] = ()
     fault_disk_full_step: int = 0
     fault_step_sleep: float = 0.0
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile_steps", type=int, default=0,
                    help="profile this many optimizer steps after 5 warm-up steps into output_dir/profile/ (rank 0)")
     p.add_argument("--fault_nan_steps", default="", help=argparse.SUPPRESS)
+    p.add_argument("--fault_inf_grad_steps", default="", help=argparse.SUPPRESS)
     p.add_argument("--fault_disk_full_step", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fault_step_sleep", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
@@ -259,6 +261,13 @@ def _check_resume(resume: str) -> None:
         raise ConfigError(f"--resume {resume}: no such checkpoint folder (use 'auto' for the newest in output_dir)")
 
 
+def _step_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated ints, got {text!r}") from None
+
+
 def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: int = 0) -> TrainConfig:
     """Namespace -> TrainConfig, raising ConfigError on any bad input. Touches only the file system."""
     preset = CUDA_PRESET if device_type == "cuda" else CPU_PRESET
@@ -314,10 +323,8 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if a.profile_steps < 0:
         raise ConfigError(f"--profile_steps must be >= 0, got {a.profile_steps}")
-    try:
-        nan_steps = tuple(int(s) for s in a.fault_nan_steps.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(f"--fault_nan_steps must be comma-separated ints, got {a.fault_nan_steps!r}") from None
+    nan_steps = _step_list("--fault_nan_steps", a.fault_nan_steps)
+    inf_grad_steps = _step_list("--fault_inf_grad_steps", a.fault_inf_grad_steps)
     cfg = TrainConfig(
         model=model, input_size=input_size, batch_size=micro, accum_iter=accum, epochs=epochs,
         warmup_epochs=warmup, mask_ratio=a.mask_ratio, norm_pix_loss=a.norm_pix_loss,
@@ -331,6 +338,7 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         default_num_images=a.num_images if a.num_images is not None else preset["default_num_images"],
         default_image_size=a.image_size if a.image_size is not None else preset["default_image_size"],
         device_type=device_type, world_size=world_size, profile_steps=a.profile_steps, fault_nan_steps=nan_steps,
+        fault_inf_grad_steps=inf_grad_steps,
         fault_disk_full_step=a.fault_disk_full_step, fault_step_sleep=a.fault_step_sleep,
     )
     if cfg.num_workers < 0 or cfg.default_num_images < 1 or cfg.default_image_size < 1:

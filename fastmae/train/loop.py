@@ -51,7 +51,8 @@ class Trainer:
         self.engine, self.optimizer, self.gate = build_engine(cfg, self.device)
         self.precision = check_precision(self.engine, cfg)  # e.g. "bf16 (float32 weights, bf16 autocast)"
         rng.seed_all(cfg.seed + dist.rank)  # per-rank streams for anything else random, as official
-        self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps, check_grads=cfg.precision != "fp16")
+        self.guard = NanGuard(self.engine.module, self.device, cfg.max_bad_steps, check_grads=cfg.precision != "fp16",
+                              grads_kept=self.engine.zero_optimization_stage() == 0)
         self.flags = LaggedFlags(self.device)
         self.num_patches = self.engine.module.patch_embed.num_patches
         self.dtype = input_dtype(cfg)
@@ -184,6 +185,8 @@ class Trainer:
         loss, _, _ = self.engine(imgs.to(self.dtype), mask_ratio=cfg.mask_ratio, noise=noise, masked_only=True)
         if self.progress.step + 1 in cfg.fault_nan_steps:  # reliability test: a poisoned batch
             loss = loss * float("nan")
+        if self.progress.step + 1 in cfg.fault_inf_grad_steps:  # reliability test: finite loss, Inf gradients
+            loss.register_hook(lambda grad: grad * float("inf"))
         self.guard.note_loss(loss)
         self.engine.backward(loss)
         return loss

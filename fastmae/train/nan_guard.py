@@ -1,12 +1,17 @@
 """NaN/Inf guard: a step whose loss or gradients are not finite on any rank is skipped on every rank.
 
-Gradient hooks write each parameter's local gradient sum (fp32) into its slot of one device vector while
-backward runs (NaN and Inf propagate through a sum): one reduction kernel per parameter and no host sync
-(ViT-B has 252 parameter tensors; the first version also launched an add per parameter, and a cast for
-bf16 gradients). The slots are folded into one scalar before the next backward and when the flag is read,
-so no micro-batch of an accumulated step is overwritten unseen. The trainer reads the flag once per
-optimizer step, in the same all-reduce as the preemption flag. Local gradients are checked before DeepSpeed
-reduces them: a non-finite local gradient on any rank makes the reduced one non-finite too.
+Two ways to see the gradients, by where they still are when the step's flag is taken:
+- ZeRO-1/2/3 (`grads_kept=False`): DeepSpeed moves each gradient into its buckets and partitions during
+  backward, so gradient hooks write each parameter's local gradient sum (fp32) into its slot of one device
+  vector as backward runs (NaN and Inf propagate through a sum): one reduction kernel per parameter, no host
+  sync (ViT-B has 252 parameter tensors; the first version also launched an add per parameter, and a cast
+  for bf16 gradients). The slots are folded into one scalar before the next backward and when the flag is
+  read, so no micro-batch of an accumulated step is overwritten unseen. Local gradients are checked before
+  DeepSpeed reduces them: a non-finite local gradient on any rank makes the reduced one non-finite too.
+- ZeRO-0 (`grads_kept=True`): every parameter keeps its (all-reduced, accumulated) .grad until the optimizer
+  step, so one multi-tensor norm over all of them when the flag is taken replaces the 252 hook kernels
+  (a handful of launches; NaN and Inf propagate through a norm as through a sum).
+The trainer reads the flag once per optimizer step, in the same all-reduce as the preemption flag.
 """
 
 import functools
@@ -20,15 +25,18 @@ class NanGuard:
     DeepSpeed's dynamic loss scaler looks for its scale (it skips those steps itself); only a non-finite
     loss then counts as a bad step, so a run of early overflows cannot stop the run."""
 
-    def __init__(self, model: nn.Module, device: torch.device, max_bad_steps: int, check_grads: bool = True):
+    def __init__(self, model: nn.Module, device: torch.device, max_bad_steps: int, check_grads: bool = True,
+                 grads_kept: bool = False):
         self.max_bad_steps = max_bad_steps
         self.consecutive_bad = 0
         self.skipped_steps = 0
         self._acc = torch.zeros((), dtype=torch.float32, device=device)
         params = [p for p in model.parameters() if p.requires_grad] if check_grads else []
-        self._sums = torch.zeros(len(params), dtype=torch.float32, device=device)  # this backward's, per param
+        self._kept = params if grads_kept else []  # checked at local_bad() through their .grad
+        hooked = [] if grads_kept else params
+        self._sums = torch.zeros(len(hooked), dtype=torch.float32, device=device)  # this backward's, per param
         # a leaf's hook runs once per backward (a leaf used twice gets its gradients summed first)
-        self._handles = [p.register_hook(functools.partial(self._hook, i)) for i, p in enumerate(params)]
+        self._handles = [p.register_hook(functools.partial(self._hook, i)) for i, p in enumerate(hooked)]
 
     def _hook(self, slot: int, grad: torch.Tensor) -> None:
         # finite iff every element is finite (barring overflow); fp32 accumulation without a cast copy
@@ -47,6 +55,12 @@ class NanGuard:
     def local_bad(self) -> torch.Tensor:
         """1.0 when this rank saw a non-finite loss or gradient since the last reset (device scalar)."""
         self._fold()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self._kept:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad.detach())
+        for grads in by_dtype.values():
+            self._acc.add_(torch.stack(torch._foreach_norm(grads)).float().sum())
         return (~torch.isfinite(self._acc)).float()
 
     def reset(self) -> None:
