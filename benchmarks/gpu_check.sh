@@ -83,7 +83,7 @@ TAIL=16 stage e2e_B 190 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK
   --variants ref-compiled,fast-compiled,fast-compiled-fullpred
 
 # 4. If the budget allows: the compiled trainer (ZeRO-0) with DeepSpeed's throughput timer put back (its 2
-#    device waits per step, removed 2026-11-28; NOTES §6.4 predicts 0.90-0.97x); then DeepSpeed's bf16-weights
+#    device waits per step, removed 2026-11-28; NOTES §6.4 predicts 0.92-0.98x); then DeepSpeed's bf16-weights
 #    mode, compiled, against bf16 on the same ZeRO-2 (bf16-pure on ZeRO-0 runs DeepSpeed's bf16 optimizer,
 #    which waits on every gradient): is the cheaper numerics (bf16 residual stream and LayerNorm inputs; 60x
 #    further from the fp32 loss curve on the CPU, docs/training.md) worth offering for speed?
