@@ -54,14 +54,14 @@ def test_a_steady_step_reads_only_the_previous_steps_flags(tmp_path, zero_stage,
         assert sum(sites.values()) == 1 and all("fastmae/train/step_flags.py" in s for s in sites), (step, sites)
 
 
-def _final_state(out: str) -> dict[str, torch.Tensor]:
-    path = os.path.join(ckpt.root_dir(out), ckpt.tag_for(STEPS))
+def _final_state(out: str, step: int = STEPS) -> dict[str, torch.Tensor]:
+    path = os.path.join(ckpt.root_dir(out), ckpt.tag_for(step))
     found = {}
     for f in sorted(os.listdir(path)):
         if f.startswith(("mp_rank", "zero_pp")):
             sd = torch.load(os.path.join(path, f), map_location="cpu", weights_only=False)
             found.update({f"{f}/{k}": v for k, v in sd["module"].items()} if "module" in sd and sd["module"] else {})
-            opt = sd.get("optimizer_state_dict") or {}
+            opt = sd.get("optimizer_state_dict") or sd.get("optimizer") or {}  # ZeRO-1/2/3 files, ZeRO-0 file
             for i, t in enumerate(_tensors(opt)):
                 found[f"{f}/opt{i}"] = t
     return found
@@ -152,3 +152,21 @@ def test_an_inf_gradient_with_a_finite_loss_is_skipped(tmp_path, zero_stage):
     trainer = torch.load(os.path.join(ckpt.root_dir(out), ckpt.tag_for(STEPS), "trainer_rank00000.pt"),
                          weights_only=False)
     assert trainer["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_gradient_accumulation_skips_a_bad_step_and_changes_nothing(tmp_path, zero_stage):
+    """accum 2: both micro-batches of step 3 get Inf gradients behind finite losses. The guard sees them (ZeRO-0:
+    in the accumulated .grad; ZeRO-2: in its hooks, before DeepSpeed moves them), the step changes no weight
+    and no AdamW state (checkpoints 2 and 3 equal bit for bit), and the next good step does."""
+    out = str(tmp_path / "accum")
+    code, log = L.run([*COMMON, "--batch_size", "4", "--accum_iter", "2", "--log_every", "1", "--save_every_steps", "1",
+                       "--keep_last", "10", "--zero_stage", str(zero_stage), "--fault_inf_grad_steps", "3",
+                       "--output_dir", out], 1, tmp_dir=str(tmp_path), timeout=300)
+    assert code == 0, log[-3000:]
+    steps = L.read_steps(out)
+    assert [steps[s]["bad_step"] for s in range(1, STEPS + 1)] == [False, False, True, False, False, False]
+    before, skipped, after = (_final_state(out, s) for s in (2, 3, 4))
+    assert before.keys() == skipped.keys() and any("opt" in k for k in before) and len(before) > 10
+    assert all(torch.equal(before[k], skipped[k]) for k in before)
+    assert not all(torch.equal(skipped[k], after[k]) for k in before)
