@@ -314,6 +314,24 @@ def test_reconstruction_unnormalises_and_pastes(norm_pix):
     assert torch.equal(out["masked"][~vis], torch.zeros_like(imgs[~vis]))
 
 
+def test_reconstruction_of_a_compiled_model_runs_its_eager_forward():
+    """--compile binds a compiled forward to the model; the end-of-run reconstruction (8 images, no grad)
+    must not recompile it (a minute or more on a GPU) but give the same pictures."""
+    from fastmae.reconstruction import reconstruct
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    imgs = torch.randn(2, 3, 32, 32)
+    want = reconstruct(model, imgs, 0.75, seed=1)
+    calls = []
+    # where fastmae.speed.optimize_model(compile=True) binds the compiled forward; here one that must not run
+    model.forward = lambda *a, **k: calls.append(1)
+    got = reconstruct(model, imgs, 0.75, seed=1)
+    assert not calls
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 def test_reconstruction_grid_png(tmp_path):
     from fastmae.reconstruction import save_reconstruction_grid
 
