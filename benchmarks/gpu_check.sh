@@ -113,7 +113,8 @@ TAIL=16 stage e2e_B_controls 200 "${E2E[@]}" --models B --profile --rounds 3 --o
 # 7. If time is left: the kernels at ViT-B shapes (eager calls and CUDA-graph replays), then the CUDA kernel
 #    tests (passed on the H100 on 2026-11-27; the kernels have not changed since).
 stage kernels_B 130 python -m benchmarks.kernels.run --shapes ViT-B/16 --out "$WORK/kernels"
-stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py
+stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py \
+  tests/test_host_waits.py
 
 pack
 log "done: $DEST/gpu_check.tgz"

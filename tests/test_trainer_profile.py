@@ -27,3 +27,20 @@ def test_profile_steps_writes_a_measured_summary(tmp_path):
     assert 0 < summary["busy"] < 1 and summary["kernel_kind"] == "aten self CPU time"
     assert "matmul" in summary["shares"] and abs(sum(summary["shares"].values()) - 1) < 1e-6
     assert "aten::" in (prof / "trainer.top.txt").read_text()
+    assert summary["host_waits_per_step"] == 0 and summary["host_wait_sites"] == {}  # nothing synchronizes
+    assert "synchronize() calls only" in summary["host_waits_counted"]
+
+
+def test_profile_names_the_host_waits_a_deepspeed_setting_adds(tmp_path):
+    """DeepSpeed's throughput timer, turned back on by a DeepSpeed file, synchronizes at every forward and
+    step end: the profile summary counts 2 waits per step and names their lines."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"timers": {"throughput": {"enabled": True}}}))
+    out = tmp_path / "run"
+    code, log = L.run(["--num_images", "128", "--epochs", "1", "--warmup_epochs", "0", "--loader", "synthetic",
+                       "--batch_size", "8", "--max_steps", str(WARMUP_STEPS + 3), "--profile_steps", "2",
+                       "--deepspeed_config", str(ds), "--output_dir", str(out)], 1, tmp_dir=str(tmp_path), timeout=300)
+    assert code == 0, log[-3000:]
+    summary = json.loads((out / "profile" / "trainer.summary.json").read_text())
+    assert summary["host_waits_per_step"] == 2, summary["host_wait_sites"]
+    assert all(site.startswith("synchronize deepspeed/utils/timer.py:") for site in summary["host_wait_sites"])

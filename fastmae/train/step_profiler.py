@@ -3,8 +3,9 @@ trainer's own overheads (DeepSpeed's step, the guard's all-reduce, data, logging
 
 Rank 0 writes output_dir/profile/: trainer.top.txt (top ops), trainer.categories.json and
 trainer.kernels.json (fastmae.profiling's kernel kinds) and trainer.summary.json: wall ms per step,
-kernel ms per step and busy = kernel / wall. On a GPU, busy well below the e2e benchmark's (97% for ViT-B
-on an H100) says the device waits for the host between kernels; on a CPU "kernel" is aten self time.
+kernel ms per step and busy = kernel / wall, and the host's waits for the device per step by call site
+(fastmae/train/host_waits.py). On a GPU, busy well below the e2e benchmark's (97% for ViT-B on an H100)
+says the device waits for the host between kernels; on a CPU "kernel" is aten self time.
 """
 
 import json
@@ -14,6 +15,7 @@ import time
 import torch
 
 from fastmae import profiling
+from fastmae.train.host_waits import HostWaitCounter
 
 WARMUP_STEPS = 5  # past torch.compile's first steps and the allocator's growth
 
@@ -23,6 +25,7 @@ class StepProfiler:
         self.steps, self.device, self.enabled = steps, torch.device(device), enabled and steps > 0
         self.out_dir = os.path.join(output_dir, "profile")
         self._prof = None
+        self._waits: HostWaitCounter | None = None
         self._t0 = 0.0
         self._done = 0  # optimizer steps of this process (a resumed run counts from its own start)
 
@@ -40,8 +43,11 @@ class StepProfiler:
             self._sync()
             self._prof = torch.profiler.profile(activities=profiling.activities_for(self.device))
             self._prof.start()
+            self._waits = HostWaitCounter(self.device)
+            self._waits.start()
             self._t0 = time.perf_counter()
         elif step == WARMUP_STEPS + self.steps and self._prof is not None:
+            self._waits.stop()  # before the profiler's own synchronize below
             self._sync()
             wall = time.perf_counter() - self._t0
             self._prof.stop()
@@ -55,7 +61,9 @@ class StepProfiler:
                    "kernel_ms_per_step": result["device_ms_per_step"],
                    "busy": result["device_ms_per_step"] / wall_ms if wall_ms > 0 else None,
                    "kernel_kind": "CUDA kernels" if self.device.type == "cuda" else "aten self CPU time",
-                   "shares": result["shares"], "annotation_spans_ms": result["annotation_spans_ms"]}
+                   "shares": result["shares"], "annotation_spans_ms": result["annotation_spans_ms"],
+                   "host_waits_per_step": sum(self._waits.sites.values()) / self.steps,
+                   "host_wait_sites": dict(self._waits.sites.most_common()), "host_waits_counted": self._waits.counted}
         with open(os.path.join(self.out_dir, "trainer.summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         return summary
@@ -63,5 +71,6 @@ class StepProfiler:
     def close(self) -> None:
         """A run that ended inside the window: stop without writing (too few steps to mean anything)."""
         if self._prof is not None:
+            self._waits.stop()
             self._prof.stop()
             self._prof = None
