@@ -1,16 +1,18 @@
 """Where a training step's device time goes: torch.profiler over a few steps, kernels grouped by kind
 (matmul, attention, LayerNorm, GELU, optimizer, ...), so each optimisation starts from a measured share.
 Used by benchmarks/e2e.py (`profile_step`, a step closure) and by the trainer (`--profile_steps`, which
-drives its own profiler and calls `summarize`)."""
+drives its own profiler and calls `summarize`). `WrittenBytes` counts bytes written per aten op instead of
+time: device-independent, so it runs on a CPU (or on meta tensors) where no profile of a GPU step can."""
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # First match wins; names are lower-cased kernel / op names (cuBLAS, cuDNN, flash, Triton "fused_*" names).
 CATEGORIES = [
@@ -90,3 +92,25 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
            for k, v in kernels.items()}
     (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
     return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3, "annotation_spans_ms": spans}
+
+
+class WrittenBytes(TorchDispatchMode):
+    """`with WrittenBytes() as w:` counts, per aten op name, its calls (`w.calls`) and the bytes of its
+    outputs (`w.bytes`). Views and reshapes write no memory and are left out."""
+
+    NO_WRITE = ("detach", "alias", "lift_fresh", "_unsafe_view")
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+        self.bytes: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or name in self.NO_WRITE:
+            return out
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.calls[name] += 1
+        self.bytes[name] += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+        return out

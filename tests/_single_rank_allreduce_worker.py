@@ -1,32 +1,17 @@
 """One process, ZeRO-0: the gradients after DeepSpeed's all-reduce over one rank equal those without it, bit
 for bit, and skipping it drops the flatten + copy-back. For tests/test_single_rank_allreduce.py; prints JSON."""
 
-import collections
 import json
 import os
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastmae.profiling import WrittenBytes  # noqa: E402
 from fastmae.train.config import parse_config  # noqa: E402
 from fastmae.train.distributed import init_distributed  # noqa: E402
 from fastmae.train.engine import build_engine  # noqa: E402
-
-
-class WrittenBytes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.bytes = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            self.bytes[func.overloadpacket.__name__] += sum(
-                t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
-        return out
 
 
 def main() -> None:

@@ -9,30 +9,12 @@ count, not a timing: it asks whether fastmae's step at ViT-H shapes does extra p
 (2026-11-28: it does not; the ratio is the same for both, NOTES §6.4).
 """
 
-import collections
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmae.models.registry import create_model
+from fastmae.profiling import WrittenBytes
 
 SHAPES = (("mae_vit_base_patch16_dec512d8b", 256), ("mae_vit_huge_patch14_dec512d8b", 64))
-
-
-class WrittenBytes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls, self.bytes = collections.Counter(), collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view or func.overloadpacket.__name__ in ("detach", "alias", "lift_fresh", "_unsafe_view"):
-            return out
-        name = func.overloadpacket.__name__
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        self.calls[name] += 1
-        self.bytes[name] += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
-        return out
 
 
 def count(name: str, batch: int, reference: bool) -> WrittenBytes:
@@ -53,7 +35,7 @@ def main() -> None:
         total_f, total_r = sum(fast.bytes.values()), sum(ref.bytes.values())
         print(f"\n{name} batch {batch}: fastmae {total_f / 1e9:.2f} GB in {sum(fast.calls.values())} ops, "
               f"reference {total_r / 1e9:.2f} GB in {sum(ref.calls.values())} ops, ratio {total_f / total_r:.3f}")
-        ops = sorted(set(fast.bytes) | set(ref.bytes), key=lambda k: -abs(fast.bytes[k] - ref.bytes[k]))
+        ops = sorted(set(fast.bytes) | set(ref.bytes), key=lambda k: (-abs(fast.bytes[k] - ref.bytes[k]), k))
         for op in ops[:10]:
             print(f"  {op:24s} fastmae {fast.bytes[op] / 1e9:7.3f} GB x{fast.calls[op]:4d}   "
                   f"reference {ref.bytes[op] / 1e9:7.3f} GB x{ref.calls[op]:4d}")
