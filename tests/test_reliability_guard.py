@@ -26,17 +26,23 @@ def _guarded_backward(model, guard: NanGuard, imgs, noise) -> torch.Tensor:
     return loss
 
 
+def _guard_with_a_poisonable_gradient(param_of, grads_kept: bool):
+    """The tiny MAE (seed 0) whose parameter `param_of(model)` gets an Inf gradient while poison["on"], and
+    its guard (max 2 bad steps). The poison hook is registered before the guard's, so the guard sees what
+    backward produced (hooks run in order)."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    poison = {"on": False}
+    param_of(model).register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    return model, poison, NanGuard(model, torch.device("cpu"), max_bad_steps=2, grads_kept=grads_kept)
+
+
 KEPT = pytest.mark.parametrize("grads_kept", [False, True], ids=["hooks", "grads_kept"])  # ZeRO-1/2/3 vs ZeRO-0
 
 
 @KEPT
 def test_guard_catches_a_nonfinite_gradient_with_a_finite_loss(grads_kept):
-    torch.manual_seed(0)
-    model = create_model("mae_vit_tiny_patch4_dec64d2b")
-    poison = {"on": False}
-    # registered before the guard's hook, so the guard sees what backward produced (hooks run in order)
-    model.blocks[1].mlp.fc1.weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)
-    guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2, grads_kept=grads_kept)
+    model, poison, guard = _guard_with_a_poisonable_gradient(lambda m: m.blocks[1].mlp.fc1.weight, grads_kept)
     imgs, noise = _batch()
     _guarded_backward(model, guard, imgs, noise)
     assert guard.local_bad().item() == 0.0
@@ -58,11 +64,8 @@ def test_guard_sees_every_micro_batch_of_an_accumulated_step(grads_kept):
     """Gradient accumulation: an Inf in the first micro-batch's gradient must not be overwritten by the
     second's finite one (hooks: each parameter's sum has one slot per backward; kept gradients: the Inf stays
     in the accumulated .grad); reset clears it; bf16 gradients are reduced in fp32."""
-    torch.manual_seed(0)
-    model = create_model("mae_vit_tiny_patch4_dec64d2b")
-    poison = {"on": True}
-    model.blocks[0].attn.qkv.weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)
-    guard = NanGuard(model, torch.device("cpu"), max_bad_steps=2, grads_kept=grads_kept)
+    model, poison, guard = _guard_with_a_poisonable_gradient(lambda m: m.blocks[0].attn.qkv.weight, grads_kept)
+    poison["on"] = True
     imgs, noise = _batch()
     for _ in range(2):  # micro-batch 1 poisoned, micro-batch 2 clean
         _guarded_backward(model, guard, imgs, noise)
