@@ -72,13 +72,18 @@ def init_distributed() -> DistInfo:
 def all_reduce_max(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     """Element-wise max over ranks of a few flags/numbers (one collective, one host sync). A value may be a
     device scalar tensor: it is stacked on the device, not read back first (no extra host sync)."""
-    import torch.distributed as dist
-
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     t = torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in values])  # [len(values)]
+    return all_reduce_max_(t).tolist()
+
+
+def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
+    """In place, on the device: element-wise max over ranks (NCCL: ordered on the stream, no host wait)."""
+    import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from fastmae.train.distributed import all_reduce_max_
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,7 @@ class LaggedFlags:
         returns them on the device, [2] float32: (bad, preempted). No host wait."""
         # torch.full launches a fill: unlike torch.tensor(host value), no blocking host-to-device copy
         flags = torch.stack([local_bad.float().reshape(()), torch.full((), float(preempted), device=self.device)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # NCCL: ordered on the stream, the host goes on
+        all_reduce_max_(flags)
         if self.device.type == "cuda":
             host = torch.empty(2, dtype=torch.float32, pin_memory=True)
             host.copy_(flags, non_blocking=True)
