@@ -44,8 +44,9 @@ class NanGuard:
 
     def _fold(self) -> None:
         """The slots into the scalar, then zeroed: a parameter without a gradient next time keeps no stale value."""
-        self._acc.add_(self._sums.sum())
-        self._sums.zero_()
+        if self._handles:  # no hooks (kept gradients, or fp16): no slots, no kernels to launch
+            self._acc.add_(self._sums.sum())
+            self._sums.zero_()
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Called before each backward: the previous micro-batch's gradient sums are folded in first."""
