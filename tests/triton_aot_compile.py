@@ -23,6 +23,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
 
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.add_layer_norm import _backward_kernel as _aln_backward_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.add_layer_norm import _forward_kernel as _aln_forward_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.gather_patches import _gather_patches_kernel, _scatter_patches_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.insert_mask_tokens import _insert_backward_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.masked_mse_loss import _finish_kernel, _mse_rows_kernel  # noqa: E402
@@ -71,6 +73,27 @@ def variants():
         yield f"mse_rows pred {pred} backward={backward} norm={norm}", _mse_rows_kernel, ptrs, consts, ("eps",)
     ptrs = dict(partial_ptr="fp32", loss_ptr="fp32", mask_sum_ptr="fp32")
     yield "mse finish", _finish_kernel, ptrs, dict(BLOCK=1024), ()
+    # add_layer_norm at the launcher's tiles: ViT-B/L (D 768/1024 -> BLOCK_D 1024, 4 rows), ViT-H (1280 -> 2048, 2 rows)
+    for x, branch, y, has_branch, block_r, block_d in [
+        ("fp32", "bf16", "bf16", True, 4, 1024),  # autocast: fp32 residual stream, bf16 branch and output
+        ("fp32", "fp32", "bf16", False, 4, 1024),  # a stack's first norm (no branch)
+        ("bf16", "bf16", "bf16", True, 2, 2048),  # bf16-pure, ViT-H width
+    ]:
+        ptrs = dict(x_ptr=x, branch_ptr=branch, weight_ptr="fp32", bias_ptr="fp32", h_ptr=x, y_ptr=y,
+                    mean_ptr="fp32", rstd_ptr="fp32")
+        consts = dict(HAS_BRANCH=has_branch, BLOCK_R=block_r, BLOCK_D=block_d)
+        yield f"add_layer_norm {x}+{branch}->{y} branch={has_branch} D{block_d}", _aln_forward_kernel, ptrs, consts, \
+            ("eps",), 4 if block_d <= 1024 else 8
+    for dy, h, dx, dbranch, has_dh, has_branch, block_r, block_d in [
+        ("bf16", "fp32", "fp32", "bf16", True, True, 2, 1024),
+        ("bf16", "fp32", "fp32", "fp32", False, False, 2, 1024),
+        ("bf16", "bf16", "bf16", "bf16", True, True, 1, 2048),
+    ]:
+        ptrs = dict(dy_ptr=dy, dh_ptr=h, h_ptr=h, weight_ptr="fp32", mean_ptr="fp32", rstd_ptr="fp32", dx_ptr=dx,
+                    dbranch_ptr=dbranch, dw_ptr="fp32", db_ptr="fp32")
+        consts = dict(HAS_DH=has_dh, HAS_BRANCH=has_branch, BLOCK_R=block_r, BLOCK_D=block_d)
+        yield f"add_layer_norm_backward dy {dy} h {h} dh={has_dh} branch={has_branch} D{block_d}", \
+            _aln_backward_kernel, ptrs, consts, (), 8
     for mask in ("fp32", "bf16", "fp64"):
         ptrs = dict(shuffle_ptr="i64", keep_ptr="i64", restore_ptr="i64", mask_ptr=mask)
         yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
@@ -121,8 +144,8 @@ def widths(arch: int = 90) -> None:
 
 def main(arch: int = 90) -> None:
     target = GPUTarget("cuda", arch, 32)
-    for name, fn, ptrs, consts, floats in variants():
-        kernel = compile_variant(fn, ptrs, consts, target, floats)
+    for name, fn, ptrs, consts, floats, *warps in variants():
+        kernel = compile_variant(fn, ptrs, consts, target, floats, num_warps=warps[0] if warps else 4)
         assert kernel.asm.get("cubin"), name
         print(f"sm_{arch} ok  {name}: {ptxas_usage(kernel.asm['ptx'], arch)}")
 

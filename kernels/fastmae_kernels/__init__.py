@@ -1,10 +1,12 @@
-"""fastmae_kernels: fused MAE ops (patch gathering, mask-token insertion, norm-pix masked MSE).
+"""fastmae_kernels: fused MAE ops (patch gathering, mask-token insertion, norm-pix masked MSE) and the ViT
+block's residual add + LayerNorm.
 
 Every op takes `backend="auto"|"torch"|"triton"|"cuda"`; "torch" is the plain reference.
 """
 
 from fastmae_kernels.dispatch import BACKENDS, available_backends, resolve_backend
 from fastmae_kernels.ops import (
+    add_layer_norm,
     gather_patches,
     gather_tokens,
     insert_mask_tokens,
@@ -22,4 +24,5 @@ __all__ = [
     "gather_tokens",
     "insert_mask_tokens",
     "masked_mse_loss",
+    "add_layer_norm",
 ]

@@ -137,3 +137,24 @@ def check_kernel_dtypes(backend: str, op: str, **tensors: torch.Tensor | None) -
                 f"fastmae_kernels.{op}: the {backend} backend supports float32, bfloat16 and float16, "
                 f"got {name} {t.dtype} (use backend='torch' for float64)"
             )
+
+
+def check_add_layer_norm(
+    x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> None:
+    op = "add_layer_norm"
+    if x.dim() < 1:
+        _fail(op, "x must have at least one dimension (the normalised one last)")
+    _check_float(op, "x", x)
+    dim = x.shape[-1]
+    if branch is not None:
+        _check_float(op, "branch", branch)
+        if branch.shape != x.shape:
+            _fail(op, f"branch must have x's shape {tuple(x.shape)}, got {tuple(branch.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_float(op, name, t)
+        if tuple(t.shape) != (dim,):
+            _fail(op, f"{name} must be [{dim}] (x's last dimension), got {tuple(t.shape)}")
+    _check_same_device(op, x=x, branch=branch, weight=weight, bias=bias)
+    if not float(eps) > 0.0:
+        _fail(op, f"eps must be > 0, got {eps}")

@@ -1,4 +1,5 @@
-"""The "cuda" backend: the five MAE ops as CUDA C++ kernels (csrc/, built into `fastmae_kernels._C`).
+"""The "cuda" backend: the five MAE ops as CUDA C++ kernels (csrc/, built into `fastmae_kernels._C`); add_layer_norm
+has no C++ version and runs the Triton kernel (Triton ships with CUDA torch), else the torch reference.
 
 The C++ library registers the ops as `torch.ops.fastmae_cuda.*` (TORCH_LIBRARY); this module adds their
 fake (meta) kernels and their autograd, so torch.compile traces each op as one node, forward and backward.
@@ -11,6 +12,7 @@ this backend for CPU tensors.
 import torch
 
 from fastmae_kernels import checks
+from fastmae_kernels import reference
 from fastmae_kernels.reference import num_kept
 
 try:
@@ -222,3 +224,15 @@ def masked_mse_loss(
     """pred [N, L, P], imgs [N, C, H, W], mask [N, L] -> fp32 scalar (the official loss)."""
     _check_dtypes("masked_mse_loss", pred=pred, imgs=imgs)
     return torch.ops.fastmae_cuda.masked_mse_loss(pred, imgs, mask, int(patch_size), bool(norm_pix), float(eps))
+
+
+def add_layer_norm(
+    x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, branch [*, D] -> (h, y): the Triton kernel (no C++ version of this op), or the reference without Triton."""
+    try:
+        from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm as triton_add_layer_norm
+    except ImportError:
+        return reference.add_layer_norm(x, branch, weight, bias, eps, out_dtype)
+    return triton_add_layer_norm(x, branch, weight, bias, eps, out_dtype)

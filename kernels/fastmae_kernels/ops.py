@@ -53,3 +53,22 @@ def masked_mse_loss(
     """pred [N, L, p*p*C], imgs [N, C, H, W], mask [N, L] -> fp32 scalar: the official MAE loss."""
     checks.check_masked_mse_loss(pred, imgs, mask, patch_size)
     return backend_module(backend, pred.device).masked_mse_loss(pred, imgs, mask, patch_size, norm_pix, eps)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [*, D], branch [*, D] or None, weight/bias [D] -> (h = x + branch, y = LayerNorm(h) in out_dtype).
+
+    A pre-norm block's residual add and the LayerNorm after it; out_dtype (default: h's dtype) is the dtype the
+    next Linear reads, e.g. bf16 under autocast. Without a branch h is x (the same tensor)."""
+    checks.check_add_layer_norm(x, branch, weight, bias, eps)
+    if out_dtype is None:
+        out_dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
+    return backend_module(backend, x.device).add_layer_norm(x, branch, weight, bias, float(eps), out_dtype)

@@ -5,6 +5,7 @@ that every fused backend can be checked against the formulation the paper was tr
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -129,3 +130,19 @@ def masked_mse_loss(
     loss = loss.mean(dim=-1)  # [N, L] mean per patch
     mask = mask.to(target.dtype)
     return (loss * mask).sum() / mask.sum()
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add and the LayerNorm after it, op for op as timm's block runs them:
+    h = x + branch (torch's promotion; h is x without a branch), y = layer_norm(h) cast to out_dtype (the cast
+    the next Linear makes under autocast, done here). x, branch [*, D]; weight, bias [D] -> (h, y)."""
+    h = x if branch is None else x + branch
+    y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return h, y.to(out_dtype)
