@@ -29,9 +29,9 @@ def _loss_and_grads(model, imgs, noise, masked_only=False):
 
 
 def _counted(fn, calls):
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         calls.append(1)
-        return fn(*args)
+        return fn(*args, **kwargs)
 
     return wrapper
 

@@ -64,6 +64,54 @@ def test_block_rows_equal_the_full_block_at_those_rows(batch, tokens, rows):
         assert grad_part[unselected].abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows", [None, 4])
+@pytest.mark.parametrize("first", [True, False])  # a stack's first block (nothing pending) or a later one
+def test_fused_norm_block_call_equals_the_plain_block(rows, first):
+    """Block(x, rows, pending, norm_backend=...) -> (stream, MLP output) sums to the plain block on x + pending,
+    with the same gradients for x and pending (fp64, torch backend)."""
+    from fastmae.models.vit_block import Block
+
+    torch.manual_seed(0)
+    blk = Block(24, 3).double()
+    x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
+    pending = None if first else torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
+    ids = None if rows is None else torch.stack([torch.randperm(9)[:rows] for _ in range(2)])  # [B, M]
+    block_in = x if first else x + pending
+    plain = blk(block_in, ids)
+    stream, mlp_out = blk(x, ids, pending, norm_backend="torch")
+    torch.testing.assert_close(stream + mlp_out, plain, rtol=1e-12, atol=1e-12)
+    leaves = [x] if first else [x, pending]
+    g = torch.randn_like(plain)
+    want = torch.autograd.grad((plain * g).sum(), leaves)
+    got = torch.autograd.grad(((stream + mlp_out) * g).sum(), leaves)
+    for a, b in zip(got, want):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="`pending` is for the fused call"):
+        blk(x, ids, torch.zeros_like(x))
+    with pytest.raises(ValueError, match="a branch to add needs backend="):
+        blk.norm1(x, x)
+
+
+def test_fused_norm_stacks_call_every_block_and_norm_as_a_module():
+    """The fused stacks still call each block and each LayerNorm as a module, once per forward, so module hooks
+    see them (DeepSpeed ZeRO-3 gathers partitioned weights in pre-forward hooks; FLOP counters attribute by them)."""
+    from fastmae.models.vit_block import Block, LayerNorm
+
+    model = create_model("mae_vit_tiny_patch4_dec64d2b")
+    calls: dict[str, int] = {}
+
+    def counted(name):
+        return lambda module, args: calls.__setitem__(name, calls.get(name, 0) + 1)
+
+    for name, module in model.named_modules():
+        if isinstance(module, (Block, LayerNorm)):
+            module.register_forward_pre_hook(counted(name))
+    model(torch.randn(2, 3, 32, 32), 0.75, masked_only=True)
+    blocks = len(model.blocks) + len(model.decoder_blocks)
+    assert len(calls) == 3 * blocks + 2 and set(calls.values()) == {1}, calls  # each block, its 2 norms, 2 final
+
+
 def test_mask_follows_noise_ascending_kept():
     _, model = _pair(True)
     noise = torch.rand(2, 64, dtype=torch.float64)

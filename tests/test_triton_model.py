@@ -40,9 +40,50 @@ def test_tiny_mae_trains_identically_with_triton_and_torch(norm_pix, autocast, m
     fused = _train("triton", init_state, steps=4, norm_pix=norm_pix, autocast=autocast, masked_only=masked_only)
     assert reference[-1] < reference[0]  # it learns, so equal curves are not two flat lines
     # Gathers and insertion are bit-exact (also under bf16 autocast, where the decoder input is fp32 as in
-    # the official code); the loss and its gradient differ from torch in the last fp32 bit (summation and
-    # multiplication order). In fp32 that stays ~1e-7; under autocast a last-bit change of d pred sometimes
-    # flips a bf16 rounding, which after a few optimizer steps moves the loss by ~1e-4 relative (bf16 eps/30).
+    # the official code); the loss, the LayerNorms (the fused add_layer_norm kernel) and their gradients differ
+    # from torch in the last fp32 bits (summation and multiplication order). In fp32 that stays ~1e-7; under
+    # autocast a last-bit change of d pred (or of a normed activation) sometimes flips a bf16 rounding, which
+    # after a few optimizer steps moves the loss by ~1e-4 relative (bf16 eps/30).
     rtol = 2e-3 if autocast else 1e-5
     for step, (want, got) in enumerate(zip(reference, fused)):
         assert abs(got - want) <= rtol * abs(want), f"step {step}: triton {got} vs torch {want}"
+
+
+def _graph_ops(model, *args) -> list[str]:
+    """The op targets of the graph torch.compile traces for model(*args) (one graph: fullgraph)."""
+    seen: list[str] = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record, fullgraph=True)(*args)
+    return seen
+
+
+def test_norm_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to_inductor():
+    """"auto": every LayerNorm of both stacks (2 per block + the 2 final ones) is one add_layer_norm kernel in
+    eager mode; inside torch.compile the graph holds torch's layer_norm for Inductor to fuse, unless asked."""
+    from fastmae.profiling import WrittenBytes
+
+    torch.manual_seed(0)
+    model = create_model(TINY, backend="triton").to(DEVICE)
+    norms = 2 * (len(model.blocks) + len(model.decoder_blocks)) + 2
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 64, device=DEVICE)
+    with WrittenBytes() as counted:
+        model(imgs, 0.75, noise)
+    assert counted.calls["add_layer_norm"] == norms and counted.calls["native_layer_norm"] == 0
+
+    traced = _graph_ops(model, imgs, 0.75, noise)
+    assert not any("add_layer_norm" in op for op in traced)
+    assert sum("layer_norm" in op for op in traced) == norms
+
+    model.norm_backend = "triton"  # explicitly: the kernel inside the compiled graph too
+    traced = _graph_ops(model, imgs, 0.75, noise)
+    assert sum("fastmae_triton.add_layer_norm" in op for op in traced) == norms
+
+
+def test_norm_backend_is_checked():
+    with pytest.raises(ValueError, match="norm_backend must be 'auto' or one of"):
+        create_model(TINY, norm_backend="apex")

@@ -6,6 +6,11 @@ the norm-pix loss are single fused ops. With `masked_only=True` (what the traine
 block, the decoder norm and the prediction head run on the masked patches only: the loss gives the other
 rows zero weight, so their outputs never reach it and skipping them leaves the loss and every gradient as
 they were (the last block still attends over all tokens).
+
+The block stacks run each LayerNorm together with the residual add before it (`Block(..., norm_backend=)`,
+`fastmae_kernels.add_layer_norm`): one Triton kernel each way in eager mode on a GPU instead of the add, the
+norm and autocast's cast to bf16 (and their backward), the same ops as the reference on the torch backend and
+under torch.compile, whose Inductor fuses them itself (`norm_backend`).
 """
 
 import torch
@@ -14,15 +19,19 @@ from torch.utils.checkpoint import checkpoint
 
 import fastmae_kernels as fk
 from fastmae.models.mae_base import MAEParameters
-from fastmae.models.vit_block import select_rows
+from fastmae.models.vit_block import add_norm, select_rows
 
 
 class MaskedAutoencoderViT(MAEParameters):
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", norm_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        if backend not in ("auto", *fk.BACKENDS):
-            raise ValueError(f"backend must be 'auto' or one of {fk.BACKENDS}, got {backend!r}")
+        for name, value in (("backend", backend), ("norm_backend", norm_backend)):
+            if value not in ("auto", *fk.BACKENDS):
+                raise ValueError(f"{name} must be 'auto' or one of {fk.BACKENDS}, got {value!r}")
         self.backend = backend
+        # the fastmae_kernels backend of the fused residual add + LayerNorm; "auto": the MAE ops' backend in eager
+        # mode (the kernel on a GPU, the reference ops on a CPU), the reference ops inside torch.compile
+        self.norm_backend = norm_backend
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -30,10 +39,29 @@ class MaskedAutoencoderViT(MAEParameters):
         activation memory drops to one block's plus the residual stream, for ~1/3 more forward compute."""
         self.grad_checkpointing = bool(enable)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, rows, use_reentrant=False)  # non-reentrant: works with compile and ZeRO
-        return blk(x, rows)
+    def _resolved_norm_backend(self) -> str:
+        if self.norm_backend != "auto":
+            return self.norm_backend
+        # Traced: Inductor fuses add + LayerNorm + cast into its own kernels (an opaque op would only replace
+        # them; whether the hand kernel beats Inductor's is a measurement: benchmarks/NOTES.md §6.5).
+        return "torch" if torch.compiler.is_compiling() else self.backend
+
+    def _run_stack(self, blocks: nn.ModuleList, x: torch.Tensor, last_rows: torch.Tensor | None = None):
+        """x [N, S, D] through `blocks` -> (stream, pending): the stack's output is stream + pending (pending is
+        None without blocks), [N, S, D] each, or [N, M, D] at `last_rows` [N, M] (the last block's rows)."""
+        backend = self._resolved_norm_backend()
+        pending = None
+        for i, blk in enumerate(blocks):
+            rows = last_rows if i == len(blocks) - 1 else None
+            if self.grad_checkpointing and torch.is_grad_enabled():  # non-reentrant: works with compile and ZeRO
+                x, pending = checkpoint(blk, x, rows, pending, backend, use_reentrant=False)
+            else:
+                x, pending = blk(x, rows, pending, norm_backend=backend)
+        return x, pending
+
+    def _final_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """norm(x + pending), in the dtype norm() returns (fp32 under autocast), as the official model's."""
+        return add_norm(norm, x, pending, self._resolved_norm_backend(), for_linear=False)[1]
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         ids_keep, ids_restore, mask = fk.random_masking(noise, mask_ratio, backend=self.backend)
@@ -42,9 +70,8 @@ class MaskedAutoencoderViT(MAEParameters):
         x = x + self.pos_embed[0, 1:][ids_keep]  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)  # [N, 1+K, D]
-        for blk in self.blocks:
-            x = self._run_block(blk, x)
-        return self.norm(x), mask, ids_restore
+        x, pending = self._run_stack(self.blocks, x)
+        return self._final_norm(self.norm, x, pending), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions [N, L, p*p*C], or [N, M, p*p*C] at the patches `rows` [N, M] only."""
@@ -55,14 +82,12 @@ class MaskedAutoencoderViT(MAEParameters):
         cls = x[:, :1] + self.decoder_pos_embed[:, :1]
         x = torch.cat([cls.to(patches.dtype), patches], dim=1)  # [N, 1+L, Dd]
         out_rows = None if rows is None else rows + 1  # [N, M] in the sequence: the cls token leads it
-        last = len(self.decoder_blocks) - 1
-        for i, blk in enumerate(self.decoder_blocks):
-            x = self._run_block(blk, x, out_rows if i == last else None)  # the last: [N, M, Dd] with rows
+        x, pending = self._run_stack(self.decoder_blocks, x, out_rows)  # with rows: [N, M, Dd] each
         if rows is None:
-            x = x[:, 1:]  # [N, L, Dd] without the cls token
-        elif last < 0:  # no decoder blocks: the rows straight from the embedding
+            x, pending = x[:, 1:], None if pending is None else pending[:, 1:]  # [N, L, Dd] without the cls token
+        elif pending is None:  # no decoder blocks: the rows straight from the embedding
             x = select_rows(x, out_rows)
-        return self.decoder_pred(self.decoder_norm(x))
+        return self.decoder_pred(self._final_norm(self.decoder_norm, x, pending))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return fk.masked_mse_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, backend=self.backend)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fastmae.models.patch_embed import PatchEmbed
 from fastmae.models.pos_embed import sincos_2d
-from fastmae.models.vit_block import Block
+from fastmae.models.vit_block import Block, LayerNorm
 from fastmae_kernels.reference import patchify, unpatchify
 
 
@@ -25,7 +25,7 @@ class MAEParameters(nn.Module):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        norm_layer=nn.LayerNorm,
+        norm_layer=LayerNorm,
         norm_pix_loss: bool = False,
         block_cls=Block,
     ):

@@ -6,8 +6,9 @@ import torch.nn as nn
 
 from fastmae.models.mae import MaskedAutoencoderViT
 from fastmae.models.reference_mae import ReferenceMAE
+from fastmae.models.vit_block import LayerNorm
 
-_LN = partial(nn.LayerNorm, eps=1e-6)
+_LN = partial(LayerNorm, eps=1e-6)  # nn.LayerNorm that can also fuse the residual add
 _DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 CONFIGS: dict[str, dict] = {

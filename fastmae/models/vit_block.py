@@ -4,16 +4,55 @@ norm2, mlp.fc1, mlp.fc2), attention through torch's scaled_dot_product_attention
 `rows` (optional) asks for the block's output at some tokens only: keys and values still come from every
 token, queries and everything after attention (projection, residuals, MLP) run on those rows alone. The MAE
 decoder's last block uses it, since the loss reads the masked patches only.
+
+`Block(x, rows, pending, norm_backend=...)` is the same block for a stack that fuses each LayerNorm with the
+residual add before it (`LayerNorm`, through `fastmae_kernels.add_layer_norm`): it takes the residual stream and
+the previous block's MLP output not yet added, and returns its own, so the add lands in the next block's first
+norm (or the stack's final norm). It is still a call of the module, so hooks on blocks (FLOP counters, DeepSpeed
+ZeRO-3, wrappers) see every block.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fastmae_kernels as fk
+
 
 def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x [B, N, C], rows [B, M] -> [B, M, C]."""
     return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same state_dict keys) that can also run the residual add before it.
+
+    `norm(x)` is nn.LayerNorm's. `norm(x, branch, backend=b)` -> (h = x + branch, y = norm(h)) through
+    `fastmae_kernels.add_layer_norm` (one kernel on the triton/cuda backends), y in the dtype the next Linear
+    computes in (autocast's while autocast is on: the cast that Linear would make, done in the same pass) or, with
+    `for_linear=False`, as nn.LayerNorm returns it. Both go through the module call, so hooks on the norm see
+    them: DeepSpeed ZeRO-3 gathers a partitioned weight and bias in its pre-forward hook."""
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None, backend: str | None = None,
+                for_linear: bool = True):
+        if backend is None:
+            if branch is not None:
+                raise ValueError("LayerNorm: a branch to add needs backend= (the fused call returns (h, y))")
+            return super().forward(x)
+        device = x.device.type
+        out_dtype = None  # h's dtype: nn.LayerNorm's output without autocast
+        if torch.is_autocast_enabled(device):
+            out_dtype = torch.get_autocast_dtype(device) if for_linear else torch.float32  # autocast's layer_norm
+        return fk.add_layer_norm(x, branch, self.weight, self.bias, self.eps, out_dtype, backend=backend)
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None, backend: str,
+             for_linear: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h = x + branch, y = norm(h)): fused when `norm` is fastmae's LayerNorm, else the add then the norm."""
+    if isinstance(norm, LayerNorm):
+        return norm(x, branch, backend=backend, for_linear=for_linear)
+    h = x if branch is None else x + branch
+    return h, norm(h)
 
 
 class Attention(nn.Module):
@@ -69,18 +108,33 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     attention_cls = Attention
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_layer=LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = self.attention_cls(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, C] -> [B, N, C], or the output rows [B, M, C] at `rows` [B, M] (module docstring)."""
-        attn = self.attn(self.norm1(x), rows)  # [B, N or M, C]
-        x = x + attn if rows is None else select_rows(x, rows) + attn
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, pending: torch.Tensor | None = None,
+                norm_backend: str | None = None):
+        """x [B, N, C] -> [B, N, C], or the output rows [B, M, C] at `rows` [B, M] (module docstring).
+
+        With `norm_backend` (a fastmae_kernels backend) each LayerNorm runs fused with the residual add before
+        it: the block's input is x + pending (pending: the previous block's MLP output, None for a stack's
+        first block) and it returns (stream, MLP output) whose sum is the plain call's output, [B, N or M, C]
+        each; the stack's next norm does that add."""
+        if norm_backend is None:
+            if pending is not None:
+                raise ValueError("Block: `pending` is for the fused call (give norm_backend)")
+            attn = self.attn(self.norm1(x), rows)  # [B, N or M, C]
+            x = x + attn if rows is None else select_rows(x, rows) + attn
+            return x + self.mlp(self.norm2(x))
+        x, y = add_norm(self.norm1, x, pending, norm_backend)  # x: the block's input [B, N, C]
+        attn = self.attn(y, rows)  # [B, N or M, C]
+        if rows is not None:
+            x = select_rows(x, rows)  # [B, M, C]
+        x, y = add_norm(self.norm2, x, attn, norm_backend)
+        return x, self.mlp(y)
 
 
 class PlainBlock(Block):
