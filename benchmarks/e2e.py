@@ -51,6 +51,8 @@ class Variant:
     backend: str | None = None  # fastmae_kernels backend of fastmae; None: --backend
     sdpa: str | None = None  # force one SDPA backend ("flash", "cudnn", "efficient", "math"); None: torch picks
     masked_only: bool = True  # fastmae: the trainer's forward (decoder's last block and head on masked rows)
+    norm_backend: str | None = None  # fastmae's residual add + LayerNorm; None: "auto" (the Triton kernel in eager
+    # mode on a GPU, Inductor's own fusion under torch.compile)
 
     def forward_kwargs(self) -> dict:
         return {"masked_only": True} if self.masked_only and not self.reference else {}
@@ -73,6 +75,8 @@ VARIANTS = {
     "fast-compiled-triton": Variant(reference=False, mode="default", backend="triton"),  # when no CUDA extension
     "fast-compiled-flash": Variant(reference=False, mode="default", sdpa="flash"),
     "fast-compiled-fullpred": Variant(reference=False, mode="default", masked_only=False),  # decoder on all rows
+    "fast-eager-plainnorm": Variant(reference=False, norm_backend="torch"),  # add, LayerNorm, cast as torch ops
+    "fast-compiled-fusednorm": Variant(reference=False, mode="default", norm_backend="triton"),  # kernel vs Inductor
 }
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -142,7 +146,7 @@ class SdpaBackend(torch.nn.Module):
 
 
 def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
-    kwargs = {} if spec.reference else {"backend": spec.backend or backend}
+    kwargs = {} if spec.reference else {"backend": spec.backend or backend, "norm_backend": spec.norm_backend or "auto"}
     model = create_model(name, reference=spec.reference, **kwargs)
     if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
         model.load_state_dict(state, strict=True)  # the same initial weights on every side
@@ -198,11 +202,16 @@ def count_step(spec: Variant, name: str, state: dict, imgs: torch.Tensor, args) 
 
 def flop_breakdown(count: common.FlopCount, batch: int) -> dict:
     """GFLOP per image, forward+backward: encoder blocks, decoder blocks, the attention core (QK^T, PV inside
-    SDPA, also part of the blocks), and the rest (patch embedding, decoder embed/pred)."""
+    SDPA, also part of the blocks), and the rest (patch embedding, decoder embed/pred).
+
+    A block's FLOPs are its attention's and MLP's (its norms count none), summed per submodule: torch's module
+    tracker places a block's own backward by hooks on its outputs, which misses part of it when the block
+    returns (stream, MLP output) for the next block's fused norm (fastmae's stacks)."""
     def modules(pattern: str) -> int:
         return sum(v for k, v in count.per_module.items() if re.fullmatch(pattern, k))
 
-    enc, dec = modules(r"[^.]+\.blocks\.\d+"), modules(r"[^.]+\.decoder_blocks\.\d+")
+    enc = modules(r"[^.]+\.blocks\.\d+\.(attn|mlp)")
+    dec = modules(r"[^.]+\.decoder_blocks\.\d+\.(attn|mlp)")
     attn = sum(v for k, v in count.per_op.items() if "attention" in k)
     parts = {"total": count.total, "encoder_blocks": enc, "decoder_blocks": dec, "attention_core": attn,
              "rest": count.total - enc - dec}

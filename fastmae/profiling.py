@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # First match wins; names are lower-cased kernel / op names (cuBLAS, cuDNN, flash, Triton "fused_*" names).
 CATEGORIES = [
@@ -95,8 +96,10 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
 
 
 class WrittenBytes(TorchDispatchMode):
-    """`with WrittenBytes() as w:` counts, per aten op name, its calls (`w.calls`) and the bytes of its
-    outputs (`w.bytes`). Views and reshapes write no memory and are left out."""
+    """`with WrittenBytes() as w:` counts, per aten op name, its calls (`w.calls`), the bytes of its
+    outputs (`w.bytes`) and of its tensor inputs (`w.read`: what a kernel that reads each input once moves;
+    a GEMM re-reads its operands from cache, so for it this is a floor). Views and reshapes write no memory
+    and are left out. A custom op (e.g. a Triton kernel's) counts as one op with its own inputs and outputs."""
 
     NO_WRITE = ("detach", "alias", "lift_fresh", "_unsafe_view")
 
@@ -104,6 +107,7 @@ class WrittenBytes(TorchDispatchMode):
         super().__init__()
         self.calls: Counter = Counter()
         self.bytes: Counter = Counter()
+        self.read: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -111,6 +115,8 @@ class WrittenBytes(TorchDispatchMode):
         if func.is_view or name in self.NO_WRITE:
             return out
         outs = out if isinstance(out, (tuple, list)) else [out]
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         self.calls[name] += 1
         self.bytes[name] += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+        self.read[name] += sum(t.numel() * t.element_size() for t in ins)
         return out

@@ -85,6 +85,12 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
         mask_token=rand(1, 1, shape.dec_dim, dtype=PARAM, scale=0.02),
         pos_dec=rand(1, length, shape.dec_dim, dtype=PARAM, scale=0.1),
         pred=rand(n, length, shape.patch_dim, dtype=ACT),
+        # a decoder block's residual add + LayerNorm (the decoder holds most of the step's norm traffic):
+        # fp32 stream, bf16 branch (a Linear's output), fp32 LayerNorm parameters
+        stream=rand(n, length + 1, shape.dec_dim, dtype=PARAM),
+        branch=rand(n, length + 1, shape.dec_dim, dtype=ACT),
+        ln_weight=rand(shape.dec_dim, dtype=PARAM, scale=0.1) + 1.0,
+        ln_bias=rand(shape.dec_dim, dtype=PARAM, scale=0.1),
     )
 
 
@@ -97,6 +103,7 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
     enc_in, enc_out = n * keep * shape.enc_dim * _size(ACT), n * keep * shape.enc_dim * _size(PARAM)
     dec_vis, dec_out = n * keep * shape.dec_dim * _size(ACT), n * length * shape.dec_dim * _size(PARAM)
     pred_bytes = t["pred"].numel() * _size(ACT)
+    norm_elems, norm_rows = t["stream"].numel(), t["stream"].numel() // shape.dec_dim
     loss_read = int(masked * (pred_bytes + img_bytes)) + n * length * _size(PARAM)
 
     def three(x, ops):
@@ -121,6 +128,12 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
         Case("masked_mse_loss", t, ["pred"],
              lambda x, ops: (ops.masked_mse_loss(x["pred"], x["imgs"], x["mask"], p),),
              bytes_fwd=loss_read, bytes_bwd=loss_read + pred_bytes),
+        # forward: read stream (fp32) + branch, write h (fp32) + y (bf16), a mean and 1/std per row; backward: read
+        # dy, dh, h, write d stream (fp32) + d branch (bf16) (the weight/bias partials are per program: small)
+        Case("add_layer_norm", t, ["stream", "branch", "ln_weight", "ln_bias"],
+             lambda x, ops: ops.add_layer_norm(x["stream"], x["branch"], x["ln_weight"], x["ln_bias"], 1e-6, ACT),
+             bytes_fwd=norm_elems * (4 + 2 + 4 + 2) + norm_rows * 8,
+             bytes_bwd=norm_elems * (2 + 4 + 4 + 4 + 2) + norm_rows * 8),
         Case("three_ops", t, ["x_vis", "mask_token", "pred"], three,
              bytes_fwd=2 * patch_bytes + n * keep * ids + dec_vis + dec_out + n * length * ids + loss_read,
              bytes_bwd=dec_out + dec_vis + n * length * ids + loss_read + pred_bytes),
@@ -128,7 +141,7 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
 
 
 class Impl:
-    """An implementation as an ops namespace: the five functions with the public signatures.
+    """An implementation as an ops namespace: the six functions with the public signatures.
     `compiled`: the whole case is wrapped in one torch.compile region (the reference's best case)."""
 
     def __init__(self, name: str, functions: dict[str, Callable], compiled: bool = False):
@@ -138,7 +151,7 @@ class Impl:
             setattr(self, key, fn)
 
 
-OPS = ("random_masking", "gather_patches", "gather_tokens", "insert_mask_tokens", "masked_mse_loss")
+OPS = ("random_masking", "gather_patches", "gather_tokens", "insert_mask_tokens", "masked_mse_loss", "add_layer_norm")
 EAGER = Impl("torch eager", {op: getattr(reference, op) for op in OPS})
 
 
