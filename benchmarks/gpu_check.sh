@@ -49,7 +49,7 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 log "start build (background, limit 200s)"
 timeout 200 python -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1 &
 BUILD=$!
-stage triton_tests 110 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py
+stage triton_tests 130 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
 
 # 2. The trainer itself on the GPU, which no run had done before: ViT-B, --precision bf16 (autocast over fp32
