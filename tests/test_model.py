@@ -95,7 +95,7 @@ def test_fused_norm_block_call_equals_the_plain_block(rows, first):
 
 def test_fused_norm_stacks_call_every_block_and_norm_as_a_module():
     """The fused stacks still call each block and each LayerNorm as a module, once per forward, so module hooks
-    see them (DeepSpeed ZeRO-3 gathers partitioned weights in pre-forward hooks; FLOP counters attribute by them)."""
+    see them (wrappers that manage parameters by module hooks; FLOP counters attribute by them)."""
     from fastmae.models.vit_block import Block, LayerNorm
 
     model = create_model("mae_vit_tiny_patch4_dec64d2b")

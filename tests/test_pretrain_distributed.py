@@ -53,6 +53,13 @@ def runs(tmp_path_factory):
     for stage in (2, 3):
         out[f"zero{stage}"] = L.run([*COMMON, "--batch_size", "8", "--zero_stage", str(stage),
                                      "--output_dir", f"{tmp}/zero{stage}"], 2, tmp_dir=tmp, timeout=300)
+    # ZeRO-3 with every parameter partitioned (by default DeepSpeed keeps parameters under 1e5 elements whole,
+    # which covers every LayerNorm): the fused residual add + LayerNorm reads its norm's weight and bias
+    ds_file = os.path.join(tmp, "zero3_partitioned.json")
+    with open(ds_file, "w") as f:
+        json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}, f)
+    out["zero3_partitioned"] = L.run([*COMMON, "--batch_size", "8", "--deepspeed_config", ds_file,
+                                      "--output_dir", f"{tmp}/zero3_partitioned"], 2, tmp_dir=tmp, timeout=300)
     # --compile through DeepSpeed: its engine's forward pre-hook (a timer calling time.time() from the third
     # step on) must stay out of the fullgraph compile, so the run needs more than 2 steps to show it
     out["zero2_compiled"] = L.run([*COMMON, "--batch_size", "8", "--zero_stage", "2", "--compile",
@@ -75,7 +82,7 @@ def _losses(path: str) -> list[float]:
     return [steps[s]["loss"] for s in range(1, STEPS + 1)]
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_compiled", "two_node"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_partitioned", "zero2_compiled", "two_node"])
 def test_multi_rank_matches_single_process(runs, name):
     tmp, out = runs
     result = out[name] if name != "two_node" else out[name][0]

@@ -8,8 +8,8 @@ decoder's last block uses it, since the loss reads the masked patches only.
 `Block(x, rows, pending, norm_backend=...)` is the same block for a stack that fuses each LayerNorm with the
 residual add before it (`LayerNorm`, through `fastmae_kernels.add_layer_norm`): it takes the residual stream and
 the previous block's MLP output not yet added, and returns its own, so the add lands in the next block's first
-norm (or the stack's final norm). It is still a call of the module, so hooks on blocks (FLOP counters, DeepSpeed
-ZeRO-3, wrappers) see every block.
+norm (or the stack's final norm). It is still a call of the module, so hooks on blocks (FLOP counters,
+wrappers) see every block.
 """
 
 import torch
@@ -31,7 +31,8 @@ class LayerNorm(nn.LayerNorm):
     `fastmae_kernels.add_layer_norm` (one kernel on the triton/cuda backends), y in the dtype the next Linear
     computes in (autocast's while autocast is on: the cast that Linear would make, done in the same pass) or, with
     `for_linear=False`, as nn.LayerNorm returns it. Both go through the module call, so hooks on the norm see
-    them: DeepSpeed ZeRO-3 gathers a partitioned weight and bias in its pre-forward hook."""
+    them (wrappers that manage parameters by module hooks, FLOP counters); ZeRO-3 with every parameter
+    partitioned is tested in the trainer."""
 
     def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None, backend: str | None = None,
                 for_linear: bool = True):
