@@ -66,13 +66,14 @@ def test_block_rows_equal_the_full_block_at_those_rows(batch, tokens, rows):
 
 @pytest.mark.parametrize("rows", [None, 4])
 @pytest.mark.parametrize("first", [True, False])  # a stack's first block (nothing pending) or a later one
-def test_fused_norm_block_call_equals_the_plain_block(rows, first):
+@pytest.mark.parametrize("norm_layer", ["fastmae", "torch"])  # torch's nn.LayerNorm: the add, then the norm
+def test_fused_norm_block_call_equals_the_plain_block(rows, first, norm_layer):
     """Block(x, rows, pending, norm_backend=...) -> (stream, MLP output) sums to the plain block on x + pending,
     with the same gradients for x and pending (fp64, torch backend)."""
-    from fastmae.models.vit_block import Block
+    from fastmae.models.vit_block import Block, LayerNorm
 
     torch.manual_seed(0)
-    blk = Block(24, 3).double()
+    blk = Block(24, 3, norm_layer=LayerNorm if norm_layer == "fastmae" else torch.nn.LayerNorm).double()
     x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
     pending = None if first else torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
     ids = None if rows is None else torch.stack([torch.randperm(9)[:rows] for _ in range(2)])  # [B, M]
@@ -89,8 +90,9 @@ def test_fused_norm_block_call_equals_the_plain_block(rows, first):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="`pending` is for the fused call"):
         blk(x, ids, torch.zeros_like(x))
-    with pytest.raises(ValueError, match="a branch to add needs backend="):
-        blk.norm1(x, x)
+    if norm_layer == "fastmae":
+        with pytest.raises(ValueError, match="a branch to add needs backend="):
+            blk.norm1(x, x)
 
 
 def test_fused_norm_stacks_call_every_block_and_norm_as_a_module():

@@ -40,6 +40,8 @@ class LayerNorm(nn.LayerNorm):
             if branch is not None:
                 raise ValueError("LayerNorm: a branch to add needs backend= (the fused call returns (h, y))")
             return super().forward(x)
+        if self.weight is None or self.bias is None or len(self.normalized_shape) != 1:
+            raise ValueError("LayerNorm: the fused call needs an affine norm over the last dimension")
         device = x.device.type
         out_dtype = None  # h's dtype: nn.LayerNorm's output without autocast
         if torch.is_autocast_enabled(device):
@@ -49,8 +51,10 @@ class LayerNorm(nn.LayerNorm):
 
 def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None, backend: str,
              for_linear: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h = x + branch, y = norm(h)): fused when `norm` is fastmae's LayerNorm, else the add then the norm."""
-    if isinstance(norm, LayerNorm):
+    """(h = x + branch, y = norm(h)): fused when `norm` is fastmae's affine LayerNorm over the last dimension,
+    else the add then the norm."""
+    fusable = isinstance(norm, LayerNorm) and norm.weight is not None and norm.bias is not None
+    if fusable and len(norm.normalized_shape) == 1:
         return norm(x, branch, backend=backend, for_linear=for_linear)
     h = x if branch is None else x + branch
     return h, norm(h)

@@ -11,8 +11,7 @@ this backend for CPU tensors.
 
 import torch
 
-from fastmae_kernels import checks
-from fastmae_kernels import reference
+from fastmae_kernels import checks, reference
 from fastmae_kernels.reference import num_kept
 
 try:
@@ -21,6 +20,11 @@ try:
     IMPORT_ERROR: Exception | None = None
 except ImportError as exc:  # not built (no CUDA torch / no nvcc at install time, or FASTMAE_BUILD_CUDA=0)
     IMPORT_ERROR = exc
+
+try:  # imported here, not inside the op: the op may be called while torch.compile traces
+    from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm as _triton_add_layer_norm
+except ImportError:  # no Triton: add_layer_norm runs the torch reference
+    _triton_add_layer_norm = None
 
 _smoke: dict[int, str | None] = {}  # device index -> None when a tiny op ran correctly there
 
@@ -231,8 +235,6 @@ def add_layer_norm(
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, branch [*, D] -> (h, y): the Triton kernel (no C++ version of this op), or the reference without Triton."""
-    try:
-        from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm as triton_add_layer_norm
-    except ImportError:
+    if _triton_add_layer_norm is None:
         return reference.add_layer_norm(x, branch, weight, bias, eps, out_dtype)
-    return triton_add_layer_norm(x, branch, weight, bias, eps, out_dtype)
+    return _triton_add_layer_norm(x, branch, weight, bias, eps, out_dtype)
