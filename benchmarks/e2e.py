@@ -84,7 +84,7 @@ GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
            "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels",
-           "rounds", "round_spread"]
+           "norms", "rounds", "round_spread"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,6 +138,10 @@ class SdpaBackend(torch.nn.Module):
     def backend(self) -> str:  # the wrapped model's kernels backend, for the row's `kernels` column
         return self.inner.backend
 
+    @property
+    def norm_backend(self) -> str:  # and its norms' (the row's `norms` column)
+        return self.inner.norm_backend
+
     def forward(self, *args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -164,6 +168,19 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
             if spec.mode is not None:
                 model.compile(mode=spec.mode, fullgraph=True)  # a graph break: an error, not a mislabelled row
     return model, optimizer
+
+
+def norm_path(spec: Variant, model) -> str:
+    """How the variant's residual add + LayerNorm ran: torch ops (eager), Inductor (compiled) or the fused kernel
+    of a fastmae_kernels backend (fastmae's norm_backend as it resolves, benchmarks/NOTES.md §6.5)."""
+    if spec.reference:
+        return "inductor" if spec.mode else "torch ops"
+    backend = model.norm_backend
+    if backend == "auto":
+        backend = "torch" if spec.mode else model.backend
+    if backend == "torch":
+        return "inductor" if spec.mode else "torch ops"
+    return f"add_layer_norm ({backend})"
 
 
 def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, **forward_kwargs):
@@ -240,6 +257,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
+            row["norms"] = norm_path(spec, model)
             step = make_step(model, optimizer, imgs, args.mask_ratio, **spec.forward_kwargs())
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())

@@ -43,6 +43,8 @@ def test_e2e_cpu_tiny_writes_measured_results(tmp_path):
     # fastmae embeds only the visible 25% of patches: fewer own FLOPs, same reference FLOPs
     assert fast["own_gflop_per_img"] < ref["own_gflop_per_img"] == ref["ref_gflop_per_img"] == fast["ref_gflop_per_img"]
     assert "AdamW(fused)" == fast["adamw"] and "AdamW(foreach)" == ref["adamw"]
+    # the residual add + LayerNorm: torch ops in eager on a CPU (the kernel is for GPUs), Inductor's when compiled
+    assert [r["norms"] for r in rows] == ["torch ops", "torch ops", "inductor"]
     assert result["ratios"][0]["eager"] == pytest.approx(fast["img_s"] / ref["img_s"])
     with open(tmp_path / "e2e.csv") as f:
         lines = list(csv.DictReader(f))
