@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+import fastmae_kernels as fk
 from fastmae.data.loader import DataConfig, build_pretrain_loader
 from fastmae.train import checkpoint as ckpt
 from fastmae.train import distributed as D
@@ -128,11 +129,17 @@ class Trainer:
         )
 
     def _speed(self) -> str:
+        """e.g. "eager, MAE kernels cuda, add+LayerNorm fused" or "compiled (default) + block checkpointing, MAE
+        kernels cuda" (compiled, Inductor fuses the norms itself: the model's norm_backend "auto")."""
         c = self.cfg
-        parts = [f"compiled ({c.compile_mode})" if c.compile else "eager"]
+        mode = f"compiled ({c.compile_mode})" if c.compile else "eager"
         if c.grad_checkpointing:
-            parts.append("block checkpointing")
-        return " + ".join(parts)
+            mode += " + block checkpointing"
+        backend = fk.resolve_backend(self.engine.module.backend, self.device)
+        parts = [mode, f"MAE kernels {backend}"]
+        if not c.compile and backend != "torch":
+            parts.append("add+LayerNorm fused")
+        return ", ".join(parts)
 
     def _epochs(self, start_epoch: int) -> int | None:
         cfg, spe = self.cfg, self.loader.steps_per_epoch
