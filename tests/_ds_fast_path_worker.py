@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastmae.models import create_model
+from fastmae.profiling import WrittenBytes
 from fastmae.speed import make_optimizer, optimize_model
 from fastmae.train.distributed import init_distributed
 
@@ -27,20 +28,26 @@ def main() -> None:
     # helper threads are not needed for training (and once aborted this worker at exit).
     rank = init_distributed().rank
     torch.manual_seed(0)  # the same init on every rank
-    model = create_model("mae_vit_tiny_patch4_dec64d2b", backend="auto", norm_pix_loss=True)
+    # FASTMAE_TEST_BACKEND=triton (with TRITON_INTERPRET=1): the Triton kernels, the fused add + LayerNorm
+    # included, run in the interpreter as they run compiled on a GPU
+    backend = os.environ.get("FASTMAE_TEST_BACKEND", "auto")
+    model = create_model("mae_vit_tiny_patch4_dec64d2b", backend=backend, norm_pix_loss=True)
     optimize_model(model, compile=False, grad_checkpointing=True)
     optimizer = make_optimizer(model.parameters(), lr=1e-3)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=CONFIG)
     before = engine.module.blocks[0].mlp.fc1.weight.detach().clone()
     losses = []
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-    for _ in range(3):
-        imgs = torch.randn(4, 3, 32, 32, generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = engine(imgs, 0.75)[0]
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    with WrittenBytes() as counted:
+        for _ in range(3):
+            imgs = torch.randn(4, 3, 32, 32, generator=g)
+            noise = torch.rand(4, 64, generator=g)  # the same masks for every backend
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = engine(imgs, 0.75, noise)[0]
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    norm_kernel_calls = [counted.calls["add_layer_norm"], counted.calls["add_layer_norm_backward"]]
     weight = engine.module.blocks[0].mlp.fc1.weight.detach()
     gathered = [torch.empty_like(weight) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, weight)
@@ -55,6 +62,8 @@ def main() -> None:
         "zero_stage": engine.zero_optimization_stage(),
         "backend": engine.module.backend,
         "checkpointing": engine.module.grad_checkpointing,
+        "norm_kernel_calls": norm_kernel_calls,  # [forward, backward] calls of the fused add + LayerNorm op
+        "blocks": len(engine.module.blocks) + len(engine.module.decoder_blocks),
     }
     with open(f"result-{rank}.json", "w") as f:
         json.dump(result, f)

@@ -18,24 +18,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_fast_path_step_under_deepspeed_zero2(tmp_path):
+def _run(tmp_path: Path, backend: str) -> list[dict]:
+    """Both ranks' results of the worker on `backend` (auto: torch on CPU; triton: the interpreter)."""
     env = {
         **os.environ,
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(HERE.parent / ".build/torch_extensions")),
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
         "TMPDIR": str(tmp_path),  # torchelastic's scratch folders land here and go with tmp_path
+        "FASTMAE_TEST_BACKEND": backend,
+        "TRITON_INTERPRET": "1",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), str(HERE / "_ds_fast_path_worker.py")]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
-    assert [r["rank"] for r in results] == [0, 1]
-    for r in results:
-        assert r["zero_stage"] == 2 and r["optimizer"] == "AdamW" and r["fused"], r
-        assert r["backend"] == "torch" and r["checkpointing"], r  # "auto" on CPU resolves to torch
-        assert all(0 < loss < 10 for loss in r["losses"]), r
-        assert r["changed"] > 0 and r["ranks_agree"], r
-    assert results[0]["losses"][0] != results[1]["losses"][0], "ranks should see different data"
+    return [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, list[dict]]:
+    return {backend: _run(tmp_path_factory.mktemp(backend), backend) for backend in ("auto", "triton")}
+
+
+@pytest.mark.slow
+def test_fast_path_step_under_deepspeed_zero2(results):
+    for backend, runs in results.items():
+        assert [r["rank"] for r in runs] == [0, 1]
+        for r in runs:
+            assert r["zero_stage"] == 2 and r["optimizer"] == "AdamW" and r["fused"], r
+            assert r["checkpointing"], r
+            assert all(0 < loss < 10 for loss in r["losses"]), r
+            assert r["changed"] > 0 and r["ranks_agree"], r
+        assert runs[0]["losses"][0] != runs[1]["losses"][0], "ranks should see different data"
+    assert [r["backend"] for r in results["auto"]] == ["torch", "torch"]  # "auto" on CPU resolves to torch
+
+
+@pytest.mark.slow
+def test_triton_kernels_under_deepspeed_zero2_track_the_torch_ops(results):
+    """The same three steps with the Triton kernels (gathers, loss and the fused add + LayerNorm) under ZeRO-2,
+    block checkpointing and bf16 autocast: every norm runs the kernel, and the losses track the torch run's
+    within bf16 autocast's rounding."""
+    for r in results["triton"]:
+        assert r["backend"] == "triton"
+        norms = 2 * r["blocks"] + 2  # 2 per block + the 2 final norms
+        # per step, forward: every norm once, then the blocks' norms again in backward (block checkpointing)
+        assert r["norm_kernel_calls"] == [3 * (norms + 2 * r["blocks"]), 3 * norms], r
+    assert all(r["norm_kernel_calls"] == [0, 0] for r in results["auto"])
+    for torch_run, triton_run in zip(results["auto"], results["triton"]):
+        for want, got in zip(torch_run["losses"], triton_run["losses"]):
+            assert abs(got - want) <= 2e-3 * abs(want), (torch_run["losses"], triton_run["losses"])
