@@ -60,7 +60,9 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 #    Needs DeepSpeed, which the image lacks: `bash scripts/gpu_wheels.sh` here, then carry .whl in the call.
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 HAVE_DS=0
-if ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
+if ! ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
+  log "skip the trainer stages: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)"
+else
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$WORK/wheels.log" 2>&1
   log "wheels rc=$?"
   HAVE_DS=1
@@ -70,24 +72,25 @@ if ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
   TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B 80 "${PRETRAIN[@]}" --zero_stage 2 --precision bf16 \
     --max_steps 30 --save_every_steps 20 --output_dir /tmp/pretrain_B
   keep_run pretrain_B
+fi
+
+# 2b. The eager step with the fused residual add + LayerNorm kernel (the eager default since 2026-11-28, just run
+#    by the trainer above) against torch's add + layer_norm + cast, 3 rounds, no compile, so cheap: here, before
+#    the compile-heavy stages, in case the budget runs out (NOTES §6.5: 1.06-1.10x, 20 GB fewer bytes counted).
+TAIL=10 stage e2e_B_eager_norm 80 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_norm" \
+  --variants fast-eager,fast-eager-plainnorm
+
+if (( HAVE_DS )); then
   TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --zero_stage 0 \
     --precision bf16 --compile --max_steps 60 --profile_steps 5 --save_every_steps 1000 \
     --output_dir /tmp/pretrain_B_compiled
   keep_run pretrain_B_compiled
-else
-  log "skip pretrain_B: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)"
 fi
 
 # 3. The training step on ViT-B, compiled: fastmae (the trainer's masked_only forward) vs the reference and vs
 #    fastmae's decoder on every row, 3 interleaved rounds so drift hits all alike (NOTES §6.2: 1.01-1.025x).
 TAIL=16 stage e2e_B 190 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
   --variants ref-compiled,fast-compiled,fast-compiled-fullpred
-
-# 3b. The eager step with the fused residual add + LayerNorm kernel (the default in eager mode since 2026-11-28)
-#    against torch's add + layer_norm + cast, 3 rounds, no compile (NOTES §6.5: 1.06-1.10x, 20 GB fewer bytes
-#    per step counted).
-TAIL=10 stage e2e_B_eager_norm 80 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_norm" \
-  --variants fast-eager,fast-eager-plainnorm
 
 # 4. If the budget allows: the compiled trainer (ZeRO-0) with DeepSpeed's throughput timer put back (its 2
 #    device waits per step, removed 2026-11-28; NOTES §6.4 predicts 0.92-0.98x); then DeepSpeed's bf16-weights
