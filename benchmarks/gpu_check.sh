@@ -41,8 +41,9 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 
 # Order = what the next GPU session most needs to learn (2026-11-28: kernels and tests passed on an H100
 # already; the trainer never ran on a GPU; --precision bf16 became autocast over fp32 weights, the e2e
-# benchmark's numerics; the masked-only decoder tail is unmeasured; ViT-H's 0.966x is unexplained), so later
-# stages may be cut by the budget.
+# benchmark's numerics; the masked-only decoder tail is unmeasured; ViT-H's 0.966x is unexplained; the eager
+# step's fused add + LayerNorm kernel has only run in the Triton interpreter), so later stages may be cut by
+# the budget.
 # 1. The CUDA extension builds on the CPUs (the e2e runs use its kernels) while the one Triton test that
 #    failed on the H100 (fp32 d(pred), bound since widened to 8 ulps) reruns on the GPU, with the fused residual
 #    add + LayerNorm's tests (2026-11-28: only run in the interpreter and compiled for sm_90 so far).
