@@ -138,9 +138,8 @@ class SdpaBackend(torch.nn.Module):
     def backend(self) -> str:  # the wrapped model's kernels backend, for the row's `kernels` column
         return self.inner.backend
 
-    @property
-    def norm_backend(self) -> str:  # and its norms' (the row's `norms` column)
-        return self.inner.norm_backend
+    def norm_backend_for(self, compiled: bool) -> str:  # and its norms' (the row's `norms` column)
+        return self.inner.norm_backend_for(compiled)
 
     def forward(self, *args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -175,9 +174,7 @@ def norm_path(spec: Variant, model) -> str:
     of a fastmae_kernels backend (fastmae's norm_backend as it resolves, benchmarks/NOTES.md §6.5)."""
     if spec.reference:
         return "inductor" if spec.mode else "torch ops"
-    backend = model.norm_backend
-    if backend == "auto":
-        backend = "torch" if spec.mode else model.backend
+    backend = model.norm_backend_for(compiled=spec.mode is not None)
     if backend == "torch":
         return "inductor" if spec.mode else "torch ops"
     return f"add_layer_norm ({backend})"

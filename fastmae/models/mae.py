@@ -39,12 +39,17 @@ class MaskedAutoencoderViT(MAEParameters):
         activation memory drops to one block's plus the residual stream, for ~1/3 more forward compute."""
         self.grad_checkpointing = bool(enable)
 
-    def _resolved_norm_backend(self) -> str:
+    def norm_backend_for(self, compiled: bool) -> str:
+        """The fastmae_kernels backend the fused add + LayerNorm runs on, eager or inside torch.compile ("auto"
+        stays for fastmae_kernels to resolve). Compiled, "auto" is "torch": Inductor fuses the add, LayerNorm and
+        cast into its own kernels (an opaque op would only replace them; whether the hand kernel beats
+        Inductor's is a measurement: benchmarks/NOTES.md §6.5)."""
         if self.norm_backend != "auto":
             return self.norm_backend
-        # Traced: Inductor fuses add + LayerNorm + cast into its own kernels (an opaque op would only replace
-        # them; whether the hand kernel beats Inductor's is a measurement: benchmarks/NOTES.md §6.5).
-        return "torch" if torch.compiler.is_compiling() else self.backend
+        return "torch" if compiled else self.backend
+
+    def _resolved_norm_backend(self) -> str:
+        return self.norm_backend_for(compiled=torch.compiler.is_compiling())
 
     def _run_stack(self, blocks: nn.ModuleList, x: torch.Tensor, last_rows: torch.Tensor | None = None):
         """x [N, S, D] through `blocks` -> (stream, pending): the stack's output is stream + pending (pending is

@@ -135,9 +135,9 @@ class Trainer:
         mode = f"compiled ({c.compile_mode})" if c.compile else "eager"
         if c.grad_checkpointing:
             mode += " + block checkpointing"
-        backend = fk.resolve_backend(self.engine.module.backend, self.device)
-        parts = [mode, f"MAE kernels {backend}"]
-        if not c.compile and backend != "torch":
+        model = self.engine.module
+        parts = [mode, f"MAE kernels {fk.resolve_backend(model.backend, self.device)}"]
+        if fk.resolve_backend(model.norm_backend_for(compiled=c.compile), self.device) != "torch":
             parts.append("add+LayerNorm fused")
         return ", ".join(parts)
 
