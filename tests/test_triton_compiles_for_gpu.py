@@ -19,7 +19,7 @@ def test_all_kernel_variants_compile_for_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT), "90"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 ok")]
-    assert len(lines) == 26, result.stdout
+    assert len(lines) == 32, result.stdout
 
 
 def test_row_select_moves_16_bytes_per_access_at_vit_shapes():
@@ -32,3 +32,17 @@ def test_row_select_moves_16_bytes_per_access_at_vit_shapes():
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("sm_90 widths"))
     assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line
+
+
+def test_bias_gelu_moves_16_bytes_per_access_at_vit_shapes():
+    """bias_gelu forward and backward at ViT-B's MLP width in bf16 load and store the [rows, F] tensors 16 bytes
+    per thread access (the bias row and the backward's partial-sum row are the narrow accesses)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "widths", "90"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 widths bias_gelu")]
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line

@@ -3,8 +3,8 @@
 The interpreter (the CPU tests) does not type-check like the compiler does; this catches kernels that
 would fail to compile on the card. Run in a process WITHOUT TRITON_INTERPRET (the kernels must be JIT
 functions): `python tests/triton_aot_compile.py [sm]`. Prints one line per variant: registers, spills.
-`python tests/triton_aot_compile.py widths [sm]`: the global access widths of the row-select kernel as the
-launcher specialises it at ViT-B shapes (16-byte accesses are what a memory-bound copy needs).
+`python tests/triton_aot_compile.py widths [sm]`: the global access widths of the row-select and bias_gelu
+kernels as the launchers specialise them at ViT-B shapes (16-byte accesses are what a memory-bound pass needs).
 """
 
 import os
@@ -25,6 +25,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.add_layer_norm import _backward_kernel as _aln_backward_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.add_layer_norm import _forward_kernel as _aln_forward_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.bias_gelu import _backward_kernel as _gelu_backward_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.bias_gelu import _forward_kernel as _gelu_forward_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.gather_patches import _gather_patches_kernel, _scatter_patches_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.insert_mask_tokens import _insert_backward_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.masked_mse_loss import _finish_kernel, _mse_rows_kernel  # noqa: E402
@@ -94,6 +96,12 @@ def variants():
         consts = dict(HAS_DH=has_dh, HAS_BRANCH=has_branch, BLOCK_R=block_r, BLOCK_D=block_d)
         yield f"add_layer_norm_backward dy {dy} h {h} dh={has_dh} branch={has_branch} D{block_d}", \
             _aln_backward_kernel, ptrs, consts, (), 8
+    # bias_gelu at the launcher's tiles (8 warps; 16 rows x 256 columns forward, 8 x 256 backward)
+    for x, bias in [("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16")]:  # autocast, fp32, half weights
+        ptrs = dict(x_ptr=x, bias_ptr=bias, y_ptr=x)
+        yield f"bias_gelu {x}+{bias}", _gelu_forward_kernel, ptrs, dict(BLOCK_R=16, BLOCK_F=256), (), 8
+        ptrs = dict(dy_ptr=x, x_ptr=x, bias_ptr=bias, dx_ptr=x, db_ptr="fp32")
+        yield f"bias_gelu_backward {x}+{bias}", _gelu_backward_kernel, ptrs, dict(BLOCK_R=8, BLOCK_F=256), (), 8
     for mask in ("fp32", "bf16", "fp64"):
         ptrs = dict(shuffle_ptr="i64", keep_ptr="i64", restore_ptr="i64", mask_ptr=mask)
         yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
@@ -113,7 +121,7 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
 
 
-def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: GPUTarget):
+def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: GPUTarget, num_warps: int = 4):
     """Compiled as the launcher's JIT call specialises it for these integer argument `values`: an integer
     equal to 1 becomes a constant, and pointers and integers divisible by 16 carry Triton's divisibility hint,
     which is what lets the compiler emit 16-byte accesses."""
@@ -121,7 +129,7 @@ def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: 
     hinted = [i for i, n in enumerate(fn.arg_names)
               if n in pointers or (n in values and n not in consts and values[n] % 16 == 0)]
     attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
-    return compile_variant(fn, pointers, consts, target, attrs=attrs)
+    return compile_variant(fn, pointers, consts, target, num_warps=num_warps, attrs=attrs)
 
 
 def access_widths(ptx: str) -> str:
@@ -140,6 +148,17 @@ def widths(arch: int = 90) -> None:
     consts = dict(HAS_FILL=False, HAS_POS=True, POS_AT_SRC=True, BLOCK_R=16, BLOCK_D=256)
     kernel = compile_as_launched(_select_rows_kernel, ptrs, consts, values, GPUTarget("cuda", arch, 32))
     print(f"sm_{arch} widths select_rows (gather_tokens, ViT-B): {access_widths(kernel.asm['ptx'])}")
+    # bias_gelu at ViT-B's MLP width (x [256 * 50, 3072] bf16 + fp32 bias), forward and backward
+    values = dict(rows=256 * 50, features=3072, tiles_per_program=2)
+    for name, fn, ptrs, block_r in [
+        ("bias_gelu", _gelu_forward_kernel, dict(x_ptr="bf16", bias_ptr="fp32", y_ptr="bf16"), 16),
+        ("bias_gelu_backward", _gelu_backward_kernel,
+         dict(dy_ptr="bf16", x_ptr="bf16", bias_ptr="fp32", dx_ptr="bf16", db_ptr="fp32"), 8),
+    ]:
+        used = {k: v for k, v in values.items() if k in fn.arg_names}
+        consts = dict(BLOCK_R=block_r, BLOCK_F=256)
+        kernel = compile_as_launched(fn, ptrs, consts, used, GPUTarget("cuda", arch, 32), num_warps=8)
+        print(f"sm_{arch} widths {name} (ViT-B MLP, bf16): {access_widths(kernel.asm['ptx'])}")
 
 
 def main(arch: int = 90) -> None:

@@ -1,5 +1,5 @@
 """fastmae_kernels: fused MAE ops (patch gathering, mask-token insertion, norm-pix masked MSE) and the ViT
-block's residual add + LayerNorm.
+block's residual add + LayerNorm and its MLP's bias + GELU.
 
 Every op takes `backend="auto"|"torch"|"triton"|"cuda"`; "torch" is the plain reference.
 """
@@ -7,6 +7,7 @@ Every op takes `backend="auto"|"torch"|"triton"|"cuda"`; "torch" is the plain re
 from fastmae_kernels.dispatch import BACKENDS, available_backends, resolve_backend
 from fastmae_kernels.ops import (
     add_layer_norm,
+    bias_gelu,
     gather_patches,
     gather_tokens,
     insert_mask_tokens,
@@ -25,4 +26,5 @@ __all__ = [
     "insert_mask_tokens",
     "masked_mse_loss",
     "add_layer_norm",
+    "bias_gelu",
 ]

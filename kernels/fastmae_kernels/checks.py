@@ -158,3 +158,14 @@ def check_add_layer_norm(
     _check_same_device(op, x=x, branch=branch, weight=weight, bias=bias)
     if not float(eps) > 0.0:
         _fail(op, f"eps must be > 0, got {eps}")
+
+
+def check_bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> None:
+    op = "bias_gelu"
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        _fail(op, "x must be a tensor with at least one dimension (the features last)")
+    _check_float(op, "x", x)
+    _check_float(op, "bias", bias)
+    if tuple(bias.shape) != (x.shape[-1],):
+        _fail(op, f"bias must be [{x.shape[-1]}] (x's last dimension), got {tuple(bias.shape)}")
+    _check_same_device(op, x=x, bias=bias)

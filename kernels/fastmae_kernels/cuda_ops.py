@@ -1,5 +1,6 @@
 """The "cuda" backend: the five MAE ops as CUDA C++ kernels (csrc/, built into `fastmae_kernels._C`); add_layer_norm
-has no C++ version and runs the Triton kernel (Triton ships with CUDA torch), else the torch reference.
+and bias_gelu have no C++ version and run their Triton kernels (Triton ships with CUDA torch), else the torch
+references.
 
 The C++ library registers the ops as `torch.ops.fastmae_cuda.*` (TORCH_LIBRARY); this module adds their
 fake (meta) kernels and their autograd, so torch.compile traces each op as one node, forward and backward.
@@ -23,8 +24,9 @@ except ImportError as exc:  # not built (no CUDA torch / no nvcc at install time
 
 try:  # imported here, not inside the op: the op may be called while torch.compile traces
     from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm as _triton_add_layer_norm
-except ImportError:  # no Triton: add_layer_norm runs the torch reference
-    _triton_add_layer_norm = None
+    from fastmae_kernels.triton_ops.bias_gelu import bias_gelu as _triton_bias_gelu
+except ImportError:  # no Triton: add_layer_norm and bias_gelu run the torch references
+    _triton_add_layer_norm = _triton_bias_gelu = None
 
 _smoke: dict[int, str | None] = {}  # device index -> None when a tiny op ran correctly there
 
@@ -238,3 +240,10 @@ def add_layer_norm(
     if _triton_add_layer_norm is None:
         return reference.add_layer_norm(x, branch, weight, bias, eps, out_dtype)
     return _triton_add_layer_norm(x, branch, weight, bias, eps, out_dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [*, F], bias [F] -> GELU(x + bias): the Triton kernel (no C++ version), or the reference without Triton."""
+    if _triton_bias_gelu is None:
+        return reference.bias_gelu(x, bias)
+    return _triton_bias_gelu(x, bias)

@@ -1,7 +1,7 @@
 """Backend selection for the MAE ops: "torch" (reference), "triton", "cuda", or "auto".
 
 A backend is a module exposing `is_available(device) -> bool` (and `unavailable_reason(device)`)
-plus the six op functions (the five MAE ops and add_layer_norm) with the public signatures, taking inputs
+plus the seven op functions (the five MAE ops, add_layer_norm and bias_gelu) with the public signatures, taking inputs
 already validated by `checks`.
 Backends are imported lazily, so `import fastmae_kernels` needs neither Triton nor the CUDA extension.
 """

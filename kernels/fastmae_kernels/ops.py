@@ -72,3 +72,12 @@ def add_layer_norm(
     if out_dtype is None:
         out_dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
     return backend_module(backend, x.device).add_layer_norm(x, branch, weight, bias, float(eps), out_dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """x [*, F] (a Linear's output without its bias), bias [F] -> GELU(x + bias) [*, F] in x's dtype.
+
+    The ViT MLP's fc1 bias and exact (erf) GELU; on the triton/cuda backends one kernel each way, the backward
+    returning the bias gradient (fp32 sums) from the same pass as x's."""
+    checks.check_bias_gelu(x, bias)
+    return backend_module(backend, x.device).bias_gelu(x, bias)

@@ -146,3 +146,13 @@ def add_layer_norm(
     h = x if branch is None else x + branch
     y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return h, y.to(out_dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The ViT MLP's bias add and exact (erf) GELU on a Linear's output without its bias: GELU(x + bias),
+    computed in fp32 (fp64 for fp64 inputs) and stored once in x's dtype. x [*, F], bias [F] -> [*, F].
+
+    (nn.Linear + nn.GELU under bf16 autocast round x + bias to bf16 before the GELU; computing the sum in fp32
+    is what the fused kernel does and is the more exact of the two.)"""
+    acc_dtype = torch.promote_types(torch.promote_types(x.dtype, bias.dtype), torch.float32)
+    return F.gelu(x.to(acc_dtype) + bias.to(acc_dtype)).to(x.dtype)

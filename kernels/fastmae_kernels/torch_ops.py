@@ -4,6 +4,7 @@ import torch
 
 from fastmae_kernels.reference import (  # noqa: F401  (re-exported as this backend's ops)
     add_layer_norm,
+    bias_gelu,
     gather_patches,
     gather_tokens,
     insert_mask_tokens,

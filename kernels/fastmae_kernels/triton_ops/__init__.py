@@ -1,4 +1,4 @@
-"""The "triton" backend: fused Triton kernels for the five MAE ops and add_layer_norm, forward and backward.
+"""The "triton" backend: fused Triton kernels for the five MAE ops, add_layer_norm and bias_gelu, forward and backward.
 
 One file per op (kernel -> launcher -> autograd), each op registered as a `torch.library.custom_op`
 in the `fastmae_triton` namespace with a fake implementation, so torch.compile traces it as a single
@@ -9,6 +9,7 @@ Triton interpreter (TRITON_INTERPRET=1 set before import), which is for tests, n
 
 from fastmae_kernels.triton_ops._common import unavailable_reason
 from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm
+from fastmae_kernels.triton_ops.bias_gelu import bias_gelu
 from fastmae_kernels.triton_ops.gather_patches import gather_patches
 from fastmae_kernels.triton_ops.gather_tokens import gather_tokens
 from fastmae_kernels.triton_ops.insert_mask_tokens import insert_mask_tokens
@@ -23,4 +24,5 @@ __all__ = [
     "insert_mask_tokens",
     "masked_mse_loss",
     "add_layer_norm",
+    "bias_gelu",
 ]
