@@ -53,6 +53,7 @@ class Variant:
     masked_only: bool = True  # fastmae: the trainer's forward (decoder's last block and head on masked rows)
     norm_backend: str | None = None  # fastmae's residual add + LayerNorm; None: "auto" (the Triton kernel in eager
     # mode on a GPU, Inductor's own fusion under torch.compile)
+    gelu_backend: str | None = None  # fastmae's MLP fc1 bias + GELU, likewise ("torch": nn.Linear + nn.GELU)
 
     def forward_kwargs(self) -> dict:
         return {"masked_only": True} if self.masked_only and not self.reference else {}
@@ -77,6 +78,8 @@ VARIANTS = {
     "fast-compiled-fullpred": Variant(reference=False, mode="default", masked_only=False),  # decoder on all rows
     "fast-eager-plainnorm": Variant(reference=False, norm_backend="torch"),  # add, LayerNorm, cast as torch ops
     "fast-compiled-fusednorm": Variant(reference=False, mode="default", norm_backend="triton"),  # kernel vs Inductor
+    "fast-eager-plaingelu": Variant(reference=False, gelu_backend="torch"),  # addmm, gelu, the bias sum as torch ops
+    "fast-compiled-fusedgelu": Variant(reference=False, mode="default", gelu_backend="triton"),  # kernel vs Inductor
 }
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -84,7 +87,7 @@ GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
            "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels",
-           "norms", "rounds", "round_spread"]
+           "norms", "gelus", "rounds", "round_spread"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,6 +144,9 @@ class SdpaBackend(torch.nn.Module):
     def norm_backend_for(self, compiled: bool) -> str:  # and its norms' (the row's `norms` column)
         return self.inner.norm_backend_for(compiled)
 
+    def gelu_backend_for(self, compiled: bool, device) -> str:  # and its MLPs' (the row's `gelus` column)
+        return self.inner.gelu_backend_for(compiled, device)
+
     def forward(self, *args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -149,7 +155,8 @@ class SdpaBackend(torch.nn.Module):
 
 
 def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
-    kwargs = {} if spec.reference else {"backend": spec.backend or backend, "norm_backend": spec.norm_backend or "auto"}
+    kwargs = {} if spec.reference else {"backend": spec.backend or backend, "norm_backend": spec.norm_backend or "auto",
+                                        "gelu_backend": spec.gelu_backend or "auto"}
     model = create_model(name, reference=spec.reference, **kwargs)
     if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
         model.load_state_dict(state, strict=True)  # the same initial weights on every side
@@ -178,6 +185,17 @@ def norm_path(spec: Variant, model) -> str:
     if backend == "torch":
         return "inductor" if spec.mode else "torch ops"
     return f"add_layer_norm ({backend})"
+
+
+def gelu_path(spec: Variant, model, device: torch.device) -> str:
+    """How the variant's MLP fc1 bias + GELU ran: torch ops (addmm, gelu), Inductor, or the fused kernel of a
+    fastmae_kernels backend (fastmae's gelu_backend as it resolves)."""
+    if spec.reference:
+        return "inductor" if spec.mode else "torch ops"
+    backend = model.gelu_backend_for(compiled=spec.mode is not None, device=device)
+    if backend == "torch":
+        return "inductor" if spec.mode else "torch ops"
+    return f"bias_gelu ({backend})"
 
 
 def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, **forward_kwargs):
@@ -255,6 +273,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
             row["norms"] = norm_path(spec, model)
+            row["gelus"] = gelu_path(spec, model, device)
             step = make_step(model, optimizer, imgs, args.mask_ratio, **spec.forward_kwargs())
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())

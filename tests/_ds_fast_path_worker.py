@@ -1,6 +1,7 @@
 """One rank of tests/test_fast_path_deepspeed.py: three ZeRO-2 steps of the fast-path fastmae (fused AdamW
-as DeepSpeed's client optimizer, block checkpointing, fused kernels backend, bf16 autocast) over gloo on CPU.
-Each rank writes result-<rank>.json into the working directory."""
+as DeepSpeed's client optimizer, block checkpointing, fused kernels backend, bf16 autocast) over gloo on CPU;
+FASTMAE_TEST_ZERO=3: ZeRO-3 with every parameter partitioned instead. Each rank writes result-<rank>.json into
+the working directory."""
 
 import json
 import os
@@ -23,19 +24,29 @@ CONFIG = {
 }
 
 
+def _fc1_weight(engine) -> torch.Tensor:
+    """The first block's fc1 weight, whole (gathered from its partitions under ZeRO-3)."""
+    weight = engine.module.blocks[0].mlp.fc1.weight
+    with deepspeed.zero.GatheredParameters([weight], enabled=hasattr(weight, "ds_id")):
+        return weight.detach().clone()
+
+
 def main() -> None:
     # The trainer's own init: gloo on CPU, without DeepSpeed's shared-memory inference op, whose build and
     # helper threads are not needed for training (and once aborted this worker at exit).
     rank = init_distributed().rank
     torch.manual_seed(0)  # the same init on every rank
     # FASTMAE_TEST_BACKEND=triton (with TRITON_INTERPRET=1): the Triton kernels, the fused add + LayerNorm
-    # included, run in the interpreter as they run compiled on a GPU
+    # and bias + GELU included, run in the interpreter as they run compiled on a GPU
     backend = os.environ.get("FASTMAE_TEST_BACKEND", "auto")
     model = create_model("mae_vit_tiny_patch4_dec64d2b", backend=backend, norm_pix_loss=True)
     optimize_model(model, compile=False, grad_checkpointing=True)
     optimizer = make_optimizer(model.parameters(), lr=1e-3)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=CONFIG)
-    before = engine.module.blocks[0].mlp.fc1.weight.detach().clone()
+    config = CONFIG
+    if os.environ.get("FASTMAE_TEST_ZERO") == "3":  # every parameter partitioned, LayerNorms and biases too
+        config = {**CONFIG, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    before = _fc1_weight(engine).clone()
     losses = []
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     with WrittenBytes() as counted:
@@ -48,7 +59,8 @@ def main() -> None:
             engine.step()
             losses.append(loss.item())
     norm_kernel_calls = [counted.calls["add_layer_norm"], counted.calls["add_layer_norm_backward"]]
-    weight = engine.module.blocks[0].mlp.fc1.weight.detach()
+    gelu_kernel_calls = [counted.calls["bias_gelu"], counted.calls["bias_gelu_backward"]]
+    weight = _fc1_weight(engine)
     gathered = [torch.empty_like(weight) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, weight)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -63,6 +75,7 @@ def main() -> None:
         "backend": engine.module.backend,
         "checkpointing": engine.module.grad_checkpointing,
         "norm_kernel_calls": norm_kernel_calls,  # [forward, backward] calls of the fused add + LayerNorm op
+        "gelu_kernel_calls": gelu_kernel_calls,  # [forward, backward] calls of the fused bias + GELU op
         "blocks": len(engine.module.blocks) + len(engine.module.decoder_blocks),
     }
     with open(f"result-{rank}.json", "w") as f:

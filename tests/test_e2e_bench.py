@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import fastmae_kernels as fk
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -45,6 +47,7 @@ def test_e2e_cpu_tiny_writes_measured_results(tmp_path):
     assert "AdamW(fused)" == fast["adamw"] and "AdamW(foreach)" == ref["adamw"]
     # the residual add + LayerNorm: torch ops in eager on a CPU (the kernel is for GPUs), Inductor's when compiled
     assert [r["norms"] for r in rows] == ["torch ops", "torch ops", "inductor"]
+    assert [r["gelus"] for r in rows] == ["torch ops", "torch ops", "inductor"]  # fc1 bias + GELU, likewise
     assert result["ratios"][0]["eager"] == pytest.approx(fast["img_s"] / ref["img_s"])
     with open(tmp_path / "e2e.csv") as f:
         lines = list(csv.DictReader(f))
@@ -118,6 +121,23 @@ def test_control_variants_build_what_they_say(variant, reference, adamw, backend
     flavour = next(k for k in ("fused", "foreach") if optimizer.defaults.get(k))
     assert f"{type(optimizer).__name__}({flavour})" == adamw
     assert hasattr(model, "backend") != reference and getattr(model, "backend", None) == backend
+
+
+@pytest.mark.parametrize("variant, norms, gelus", [
+    ("fast-eager-plainnorm", "torch ops", "torch ops"),  # auto resolves to torch on a CPU anyway: the labels say so
+    ("fast-eager-plaingelu", "torch ops", "torch ops"),
+    ("fast-compiled-fusednorm", "add_layer_norm (triton)", "inductor"),
+    ("fast-compiled-fusedgelu", "inductor", "bias_gelu (triton)"),
+])
+def test_fusion_controls_say_how_their_norms_and_gelus_run(variant, norms, gelus):
+    import torch
+
+    if fk.resolve_backend("auto", "cpu") != "torch" or "triton" not in fk.available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+    spec = e2e.VARIANTS[variant]
+    model, _ = e2e.build(spec, "mae_vit_tiny_patch4_dec64d2b", None, torch.device("cpu"), lr=1e-3, backend="auto")
+    assert e2e.norm_path(spec, model) == norms
+    assert e2e.gelu_path(spec, model, torch.device("cpu")) == gelus
 
 
 def test_sdpa_variant_runs_each_forward_under_the_forced_backend(monkeypatch):

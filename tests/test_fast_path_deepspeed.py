@@ -18,7 +18,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path: Path, backend: str) -> list[dict]:
+def _run(tmp_path: Path, backend: str, zero: int = 2) -> list[dict]:
     """Both ranks' results of the worker on `backend` (auto: torch on CPU; triton: the interpreter)."""
     env = {
         **os.environ,
@@ -27,6 +27,7 @@ def _run(tmp_path: Path, backend: str) -> list[dict]:
         "DS_ACCELERATOR": "cpu",
         "TMPDIR": str(tmp_path),  # torchelastic's scratch folders land here and go with tmp_path
         "FASTMAE_TEST_BACKEND": backend,
+        "FASTMAE_TEST_ZERO": str(zero),
         "TRITON_INTERPRET": "1",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -38,7 +39,10 @@ def _run(tmp_path: Path, backend: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[dict]]:
-    return {backend: _run(tmp_path_factory.mktemp(backend), backend) for backend in ("auto", "triton")}
+    runs = {backend: _run(tmp_path_factory.mktemp(backend), backend) for backend in ("auto", "triton")}
+    for backend in ("auto", "triton"):
+        runs[f"{backend}-zero3"] = _run(tmp_path_factory.mktemp(f"{backend}-zero3"), backend, zero=3)
+    return runs
 
 
 @pytest.mark.slow
@@ -46,25 +50,44 @@ def test_fast_path_step_under_deepspeed_zero2(results):
     for backend, runs in results.items():
         assert [r["rank"] for r in runs] == [0, 1]
         for r in runs:
-            assert r["zero_stage"] == 2 and r["optimizer"] == "AdamW" and r["fused"], r
+            assert r["zero_stage"] == (3 if backend.endswith("zero3") else 2), r
+            assert r["optimizer"] == "AdamW" and r["fused"], r
             assert r["checkpointing"], r
             assert all(0 < loss < 10 for loss in r["losses"]), r
             assert r["changed"] > 0 and r["ranks_agree"], r
         assert runs[0]["losses"][0] != runs[1]["losses"][0], "ranks should see different data"
-    assert [r["backend"] for r in results["auto"]] == ["torch", "torch"]  # "auto" on CPU resolves to torch
+    for backend in ("auto", "auto-zero3"):  # "auto" on CPU resolves to torch
+        assert [r["backend"] for r in results[backend]] == ["torch", "torch"]
 
 
 @pytest.mark.slow
 def test_triton_kernels_under_deepspeed_zero2_track_the_torch_ops(results):
-    """The same three steps with the Triton kernels (gathers, loss and the fused add + LayerNorm) under ZeRO-2,
-    block checkpointing and bf16 autocast: every norm runs the kernel, and the losses track the torch run's
-    within bf16 autocast's rounding."""
+    """The same three steps with the Triton kernels (gathers, loss, the fused add + LayerNorm and bias + GELU)
+    under ZeRO-2, block checkpointing and bf16 autocast: every norm and every MLP activation runs its kernel, and
+    the losses track the torch run's within bf16 autocast's rounding."""
     for r in results["triton"]:
         assert r["backend"] == "triton"
         norms = 2 * r["blocks"] + 2  # 2 per block + the 2 final norms
         # per step, forward: every norm once, then the blocks' norms again in backward (block checkpointing)
         assert r["norm_kernel_calls"] == [3 * (norms + 2 * r["blocks"]), 3 * norms], r
-    assert all(r["norm_kernel_calls"] == [0, 0] for r in results["auto"])
+        assert r["gelu_kernel_calls"] == [3 * 2 * r["blocks"], 3 * r["blocks"]], r  # one MLP per block, likewise
+    assert all(r["norm_kernel_calls"] == r["gelu_kernel_calls"] == [0, 0] for r in results["auto"])
     for torch_run, triton_run in zip(results["auto"], results["triton"]):
+        for want, got in zip(torch_run["losses"], triton_run["losses"]):
+            assert abs(got - want) <= 2e-3 * abs(want), (torch_run["losses"], triton_run["losses"])
+
+
+@pytest.mark.slow
+def test_triton_kernels_under_zero3_with_every_parameter_partitioned(results):
+    """ZeRO-3 with stage3_param_persistence_threshold 0 partitions every LayerNorm weight and bias and every
+    fc1 bias, which the fused kernels read inside their modules' calls (where ZeRO-3 gathers them; a partition
+    left ungathered is an empty tensor, which the ops' checks refuse) and save for backward: the kernels run as
+    often as on ZeRO-2 and the losses track the torch ops' on ZeRO-3 as on ZeRO-2. (ZeRO-3 itself moves the
+    bf16 autocast losses by ~1e-4 relative from ZeRO-2's, on either backend, from the first step.)"""
+    for zero2, zero3 in zip(results["triton"], results["triton-zero3"]):
+        assert zero3["norm_kernel_calls"] == zero2["norm_kernel_calls"], zero3
+        assert zero3["gelu_kernel_calls"] == zero2["gelu_kernel_calls"], zero3
+    for torch_run, triton_run in zip(results["auto-zero3"], results["triton-zero3"]):
+        assert torch_run["norm_kernel_calls"] == torch_run["gelu_kernel_calls"] == [0, 0]
         for want, got in zip(torch_run["losses"], triton_run["losses"]):
             assert abs(got - want) <= 2e-3 * abs(want), (torch_run["losses"], triton_run["losses"])

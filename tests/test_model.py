@@ -67,9 +67,10 @@ def test_block_rows_equal_the_full_block_at_those_rows(batch, tokens, rows):
 @pytest.mark.parametrize("rows", [None, 4])
 @pytest.mark.parametrize("first", [True, False])  # a stack's first block (nothing pending) or a later one
 @pytest.mark.parametrize("norm_layer", ["fastmae", "torch"])  # torch's nn.LayerNorm: the add, then the norm
-def test_fused_norm_block_call_equals_the_plain_block(rows, first, norm_layer):
-    """Block(x, rows, pending, norm_backend=...) -> (stream, MLP output) sums to the plain block on x + pending,
-    with the same gradients for x and pending (fp64, torch backend)."""
+@pytest.mark.parametrize("gelu", [None, "torch"])  # the MLP's fc1 bias + GELU as nn modules or as bias_gelu
+def test_fused_norm_block_call_equals_the_plain_block(rows, first, norm_layer, gelu):
+    """Block(x, rows, pending, norm_backend=..., gelu_backend=...) -> (stream, MLP output) sums to the plain
+    block on x + pending, with the same gradients for x, pending and fc1's weight and bias (fp64, torch backend)."""
     from fastmae.models.vit_block import Block, LayerNorm
 
     torch.manual_seed(0)
@@ -79,9 +80,9 @@ def test_fused_norm_block_call_equals_the_plain_block(rows, first, norm_layer):
     ids = None if rows is None else torch.stack([torch.randperm(9)[:rows] for _ in range(2)])  # [B, M]
     block_in = x if first else x + pending
     plain = blk(block_in, ids)
-    stream, mlp_out = blk(x, ids, pending, norm_backend="torch")
+    stream, mlp_out = blk(x, ids, pending, norm_backend="torch", gelu_backend=gelu)
     torch.testing.assert_close(stream + mlp_out, plain, rtol=1e-12, atol=1e-12)
-    leaves = [x] if first else [x, pending]
+    leaves = ([x] if first else [x, pending]) + [blk.mlp.fc1.weight, blk.mlp.fc1.bias]
     g = torch.randn_like(plain)
     want = torch.autograd.grad((plain * g).sum(), leaves)
     got = torch.autograd.grad(((stream + mlp_out) * g).sum(), leaves)
@@ -93,6 +94,19 @@ def test_fused_norm_block_call_equals_the_plain_block(rows, first, norm_layer):
     if norm_layer == "fastmae":
         with pytest.raises(ValueError, match="a branch to add needs backend="):
             blk.norm1(x, x)
+
+
+def test_mlp_runs_the_plain_modules_for_another_activation():
+    """gelu_backend fuses only the exact GELU: a tanh-approximate one (or any other act) keeps the modules."""
+    from fastmae.models.vit_block import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 32).double()
+    mlp.act = torch.nn.GELU(approximate="tanh")
+    x = torch.randn(3, 16, dtype=torch.float64)
+    assert torch.equal(mlp(x, gelu_backend="torch"), mlp.fc2(mlp.act(mlp.fc1(x))))
+    mlp.act = torch.nn.GELU()
+    torch.testing.assert_close(mlp(x, gelu_backend="torch"), mlp(x), rtol=1e-12, atol=1e-12)
 
 
 def test_fused_norm_stacks_call_every_block_and_norm_as_a_module():

@@ -19,7 +19,7 @@ def test_benchmark_smoke_writes_labelled_csv_markdown_and_png(tmp_path):
     stem = next(tmp_path.glob("*.csv")).with_suffix("")
     rows = list(csv.DictReader(open(f"{stem}.csv")))
     assert {r["impl"] for r in rows} == {"torch eager", "triton"}
-    ops = {"gather_patches", "insert_mask_tokens", "masked_mse_loss", "add_layer_norm", "three_ops"}
+    ops = {"gather_patches", "insert_mask_tokens", "masked_mse_loss", "add_layer_norm", "bias_gelu", "three_ops"}
     assert {r["op"] for r in rows} >= ops
     assert all(r["error"] == "" and float(r["ms"]) > 0 for r in rows)
     assert all("CPU SMOKE" in r["run_kind"] and r["commit"] and r["torch"] for r in rows)

@@ -40,7 +40,8 @@ def test_tiny_mae_trains_identically_with_triton_and_torch(norm_pix, autocast, m
     fused = _train("triton", init_state, steps=4, norm_pix=norm_pix, autocast=autocast, masked_only=masked_only)
     assert reference[-1] < reference[0]  # it learns, so equal curves are not two flat lines
     # Gathers and insertion are bit-exact (also under bf16 autocast, where the decoder input is fp32 as in
-    # the official code); the loss, the LayerNorms (the fused add_layer_norm kernel) and their gradients differ
+    # the official code); the loss, the LayerNorms (the fused add_layer_norm kernel), the MLPs' bias + GELU
+    # (bias_gelu: the sum not rounded before GELU, the bias gradient summed in fp32) and their gradients differ
     # from torch in the last fp32 bits (summation and multiplication order). In fp32 that stays ~1e-7; under
     # autocast a last-bit change of d pred (or of a normed activation) sometimes flips a bf16 rounding, which
     # after a few optimizer steps moves the loss by ~1e-4 relative (bf16 eps/30).
@@ -84,6 +85,42 @@ def test_norm_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to
     assert sum("fastmae_triton.add_layer_norm" in op for op in traced) == norms
 
 
+def test_gelu_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to_inductor():
+    """"auto": every MLP's fc1 bias + GELU is one bias_gelu kernel in eager mode, inside fc1's module call (its
+    hooks fire: ZeRO-3 gathers fc1's bias there); inside torch.compile the graph holds torch's gelu, unless asked."""
+    from fastmae.models.vit_block import Linear
+    from fastmae.profiling import WrittenBytes
+
+    torch.manual_seed(0)
+    model = create_model(TINY, backend="triton").to(DEVICE)
+    blocks = len(model.blocks) + len(model.decoder_blocks)
+    assert model.gelu_backend_for(compiled=False, device=DEVICE) == "triton"
+    assert model.gelu_backend_for(compiled=True, device=DEVICE) == "torch"
+    fc1_calls = []
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.register_forward_hook(lambda m, args, out: fc1_calls.append(out.shape))
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 64, device=DEVICE)
+    with WrittenBytes() as counted:
+        loss = model(imgs, 0.75, noise)[0]
+        loss.backward()
+    assert counted.calls["bias_gelu"] == counted.calls["bias_gelu_backward"] == blocks
+    assert counted.calls["gelu"] == counted.calls["gelu_backward"] == 0
+    assert len(fc1_calls) == blocks
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if "fc1.bias" in n)
+
+    traced = _graph_ops(model, imgs, 0.75, noise)
+    assert not any("bias_gelu" in op for op in traced)
+    assert sum("gelu" in op for op in traced) == blocks  # torch's gelu, one per MLP
+
+    model.gelu_backend = "triton"  # explicitly: the kernel inside the compiled graph too
+    traced = _graph_ops(model, imgs, 0.75, noise)
+    assert sum("fastmae_triton.bias_gelu" in op for op in traced) == blocks
+
+
 def test_norm_backend_is_checked():
     with pytest.raises(ValueError, match="norm_backend must be 'auto' or one of"):
         create_model(TINY, norm_backend="apex")
+    with pytest.raises(ValueError, match="gelu_backend must be 'auto' or one of"):
+        create_model(TINY, gelu_backend="apex")

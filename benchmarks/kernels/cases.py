@@ -91,6 +91,9 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
         branch=rand(n, length + 1, shape.dec_dim, dtype=ACT),
         ln_weight=rand(shape.dec_dim, dtype=PARAM, scale=0.1) + 1.0,
         ln_bias=rand(shape.dec_dim, dtype=PARAM, scale=0.1),
+        # a decoder MLP's fc1 output without its bias (bf16 under autocast) and the fp32 bias
+        fc1_out=rand(n, length + 1, 4 * shape.dec_dim, dtype=ACT),
+        fc1_bias=rand(4 * shape.dec_dim, dtype=PARAM, scale=0.1),
     )
 
 
@@ -104,6 +107,7 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
     dec_vis, dec_out = n * keep * shape.dec_dim * _size(ACT), n * length * shape.dec_dim * _size(PARAM)
     pred_bytes = t["pred"].numel() * _size(ACT)
     norm_elems, norm_rows = t["stream"].numel(), t["stream"].numel() // shape.dec_dim
+    mlp_elems = t["fc1_out"].numel()
     loss_read = int(masked * (pred_bytes + img_bytes)) + n * length * _size(PARAM)
 
     def three(x, ops):
@@ -134,6 +138,12 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
              lambda x, ops: ops.add_layer_norm(x["stream"], x["branch"], x["ln_weight"], x["ln_bias"], 1e-6, ACT),
              bytes_fwd=norm_elems * (4 + 2 + 4 + 2) + norm_rows * 8,
              bytes_bwd=norm_elems * (2 + 4 + 4 + 4 + 2) + norm_rows * 8),
+        # forward: read x, write y (bf16); backward: read dy and x, write dx (the bias partials are per program).
+        # The torch baselines run the op's reference (x + bias and GELU in fp32, one rounding): the model's own
+        # torch path adds the bias in addmm's epilogue instead; e2e's fast-eager-plaingelu times that one.
+        Case("bias_gelu", t, ["fc1_out", "fc1_bias"],
+             lambda x, ops: (ops.bias_gelu(x["fc1_out"], x["fc1_bias"]),),
+             bytes_fwd=mlp_elems * (2 + 2), bytes_bwd=mlp_elems * (2 + 2 + 2)),
         Case("three_ops", t, ["x_vis", "mask_token", "pred"], three,
              bytes_fwd=2 * patch_bytes + n * keep * ids + dec_vis + dec_out + n * length * ids + loss_read,
              bytes_bwd=dec_out + dec_vis + n * length * ids + loss_read + pred_bytes),
@@ -141,7 +151,7 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
 
 
 class Impl:
-    """An implementation as an ops namespace: the six functions with the public signatures.
+    """An implementation as an ops namespace: the seven functions with the public signatures.
     `compiled`: the whole case is wrapped in one torch.compile region (the reference's best case)."""
 
     def __init__(self, name: str, functions: dict[str, Callable], compiled: bool = False):
@@ -151,7 +161,8 @@ class Impl:
             setattr(self, key, fn)
 
 
-OPS = ("random_masking", "gather_patches", "gather_tokens", "insert_mask_tokens", "masked_mse_loss", "add_layer_norm")
+OPS = ("random_masking", "gather_patches", "gather_tokens", "insert_mask_tokens", "masked_mse_loss", "add_layer_norm",
+       "bias_gelu")
 EAGER = Impl("torch eager", {op: getattr(reference, op) for op in OPS})
 
 

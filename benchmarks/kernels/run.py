@@ -22,7 +22,7 @@ from benchmarks.kernels.cases import GPU_SHAPES, SMOKE_SHAPES, implementations, 
 from benchmarks.kernels.timing import copy_bandwidth, environment, measure  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-RUNS_PER_SHAPE = 1 + 6 * len(MODES)  # random_masking: forward only
+RUNS_PER_SHAPE = 1 + 7 * len(MODES)  # random_masking: forward only
 
 
 def _rows_for_shape(shape, device, impls, env, copy_gbs, smoke, progress, on_case=None):

@@ -10,7 +10,9 @@ they were (the last block still attends over all tokens).
 The block stacks run each LayerNorm together with the residual add before it (`Block(..., norm_backend=)`,
 `fastmae_kernels.add_layer_norm`): one Triton kernel each way in eager mode on a GPU instead of the add, the
 norm and autocast's cast to bf16 (and their backward), the same ops as the reference on the torch backend and
-under torch.compile, whose Inductor fuses them itself (`norm_backend`).
+under torch.compile, whose Inductor fuses them itself (`norm_backend`). Likewise each MLP's fc1 bias and GELU
+(`gelu_backend`, `fastmae_kernels.bias_gelu`): one kernel each way in eager mode on a GPU, whose backward also
+gives the bias gradient; nn.Linear + nn.GELU on a CPU and under torch.compile.
 """
 
 import torch
@@ -23,15 +25,19 @@ from fastmae.models.vit_block import add_norm, select_rows
 
 
 class MaskedAutoencoderViT(MAEParameters):
-    def __init__(self, *args, backend: str = "auto", norm_backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", norm_backend: str = "auto", gelu_backend: str = "auto",
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        for name, value in (("backend", backend), ("norm_backend", norm_backend)):
+        for name, value in (("backend", backend), ("norm_backend", norm_backend), ("gelu_backend", gelu_backend)):
             if value not in ("auto", *fk.BACKENDS):
                 raise ValueError(f"{name} must be 'auto' or one of {fk.BACKENDS}, got {value!r}")
         self.backend = backend
         # the fastmae_kernels backend of the fused residual add + LayerNorm; "auto": the MAE ops' backend in eager
         # mode (the kernel on a GPU, the reference ops on a CPU), the reference ops inside torch.compile
         self.norm_backend = norm_backend
+        # the same for each MLP's fc1 bias + GELU; "torch" (and "auto" where it resolves to torch): nn.Linear and
+        # nn.GELU's own ops, the reference's bit for bit (the op's torch reference adds the bias in fp32 instead)
+        self.gelu_backend = gelu_backend
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -51,17 +57,30 @@ class MaskedAutoencoderViT(MAEParameters):
     def _resolved_norm_backend(self) -> str:
         return self.norm_backend_for(compiled=torch.compiler.is_compiling())
 
+    def gelu_backend_for(self, compiled: bool, device: torch.device | str) -> str:
+        """The concrete fastmae_kernels backend each MLP's fc1 bias + GELU runs on, eager or inside torch.compile,
+        by the norms' rule (compiled, "auto" is "torch": Inductor fuses the bias, GELU and the bias gradient's sum
+        into its own kernels); "torch" means nn.Linear + nn.GELU."""
+        backend = self.gelu_backend if self.gelu_backend != "auto" else ("torch" if compiled else self.backend)
+        return fk.resolve_backend(backend, device)
+
+    def _resolved_gelu_backend(self, device: torch.device) -> str | None:
+        """What `Block(..., gelu_backend=)` takes: None for the plain modules."""
+        backend = self.gelu_backend_for(torch.compiler.is_compiling(), device)
+        return None if backend == "torch" else backend
+
     def _run_stack(self, blocks: nn.ModuleList, x: torch.Tensor, last_rows: torch.Tensor | None = None):
         """x [N, S, D] through `blocks` -> (stream, pending): the stack's output is stream + pending (pending is
         None without blocks), [N, S, D] each, or [N, M, D] at `last_rows` [N, M] (the last block's rows)."""
         backend = self._resolved_norm_backend()
+        gelu = self._resolved_gelu_backend(x.device)
         pending = None
         for i, blk in enumerate(blocks):
             rows = last_rows if i == len(blocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():  # non-reentrant: works with compile and ZeRO
-                x, pending = checkpoint(blk, x, rows, pending, backend, use_reentrant=False)
+                x, pending = checkpoint(blk, x, rows, pending, backend, gelu, use_reentrant=False)
             else:
-                x, pending = blk(x, rows, pending, norm_backend=backend)
+                x, pending = blk(x, rows, pending, norm_backend=backend, gelu_backend=gelu)
         return x, pending
 
     def _final_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:

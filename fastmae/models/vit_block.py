@@ -9,7 +9,8 @@ decoder's last block uses it, since the loss reads the masked patches only.
 residual add before it (`LayerNorm`, through `fastmae_kernels.add_layer_norm`): it takes the residual stream and
 the previous block's MLP output not yet added, and returns its own, so the add lands in the next block's first
 norm (or the stack's final norm). It is still a call of the module, so hooks on blocks (FLOP counters,
-wrappers) see every block.
+wrappers) see every block. `gelu_backend=` likewise runs the MLP's fc1 bias and GELU as one op
+(`Linear(x, gelu_backend=)`, through `fastmae_kernels.bias_gelu`).
 """
 
 import torch
@@ -60,6 +61,22 @@ def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None, back
     return h, norm(h)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict keys) that can also apply the exact GELU after it.
+
+    `fc(x)` is nn.Linear's. `fc(x, gelu_backend=b)` -> GELU(x W^T + bias): the GEMM without its bias, then
+    `fastmae_kernels.bias_gelu` adds the bias and applies GELU in one pass (one kernel on the triton/cuda
+    backends, whose backward also gives the bias gradient: no separate column sum). Inside the module call, so
+    hooks on fc1 (ZeRO-3 gathering its weight and bias, FLOP counters) see it."""
+
+    def forward(self, x: torch.Tensor, gelu_backend: str | None = None) -> torch.Tensor:
+        if gelu_backend is None:
+            return super().forward(x)
+        if self.bias is None:
+            raise ValueError("Linear: the fused GELU call needs a bias")
+        return fk.bias_gelu(F.linear(x, self.weight), self.bias, backend=gelu_backend)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -102,12 +119,21 @@ class PlainAttention(Attention):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()  # exact erf GELU, as timm's default
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, gelu_backend: str | None = None) -> torch.Tensor:
+        """x [*, C] -> [*, C]; with `gelu_backend` (a fastmae_kernels backend) fc1's bias and the GELU run as one
+        op when fc1 is fastmae's Linear with a bias and act the exact GELU (else the plain modules)."""
+        fusable = isinstance(self.fc1, Linear) and self.fc1.bias is not None
+        if gelu_backend is None or not fusable or not _is_exact_gelu(self.act):
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x, gelu_backend=gelu_backend))
+
+
+def _is_exact_gelu(act: nn.Module) -> bool:
+    return type(act) is nn.GELU and act.approximate == "none"
 
 
 class Block(nn.Module):
@@ -121,25 +147,26 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, pending: torch.Tensor | None = None,
-                norm_backend: str | None = None):
+                norm_backend: str | None = None, gelu_backend: str | None = None):
         """x [B, N, C] -> [B, N, C], or the output rows [B, M, C] at `rows` [B, M] (module docstring).
 
         With `norm_backend` (a fastmae_kernels backend) each LayerNorm runs fused with the residual add before
         it: the block's input is x + pending (pending: the previous block's MLP output, None for a stack's
         first block) and it returns (stream, MLP output) whose sum is the plain call's output, [B, N or M, C]
-        each; the stack's next norm does that add."""
+        each; the stack's next norm does that add. With `gelu_backend` the MLP's fc1 bias + GELU is one op
+        (`Mlp`); None: nn.Linear's and nn.GELU's ops."""
         if norm_backend is None:
             if pending is not None:
                 raise ValueError("Block: `pending` is for the fused call (give norm_backend)")
             attn = self.attn(self.norm1(x), rows)  # [B, N or M, C]
             x = x + attn if rows is None else select_rows(x, rows) + attn
-            return x + self.mlp(self.norm2(x))
+            return x + self.mlp(self.norm2(x), gelu_backend)
         x, y = add_norm(self.norm1, x, pending, norm_backend)  # x: the block's input [B, N, C]
         attn = self.attn(y, rows)  # [B, N or M, C]
         if rows is not None:
             x = select_rows(x, rows)  # [B, M, C]
         x, y = add_norm(self.norm2, x, attn, norm_backend)
-        return x, self.mlp(y)
+        return x, self.mlp(y, gelu_backend)
 
 
 class PlainBlock(Block):

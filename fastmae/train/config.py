@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
     p.add_argument("--loader", default="auto", choices=LOADERS)
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="fastmae_kernels backend for the MAE ops and, in eager mode, the fused add+LayerNorm")
+                   help="fastmae_kernels backend for the MAE ops and, in eager mode, the fused add+LayerNorm and "
+                        "bias+GELU")
     p.add_argument("--save_every_steps", type=int, default=None, help="checkpoint period in optimizer steps")
     p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
     p.add_argument("--log_every", type=int, default=None, help="log period in optimizer steps")

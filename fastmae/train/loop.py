@@ -129,8 +129,9 @@ class Trainer:
         )
 
     def _speed(self) -> str:
-        """e.g. "eager, MAE kernels cuda, add+LayerNorm fused" or "compiled (default) + block checkpointing, MAE
-        kernels cuda" (compiled, Inductor fuses the norms itself: the model's norm_backend "auto")."""
+        """e.g. "eager, MAE kernels cuda, add+LayerNorm fused, bias+GELU fused" or "compiled (default) + block
+        checkpointing, MAE kernels cuda" (compiled, Inductor fuses the norms and GELUs itself: the model's
+        norm_backend and gelu_backend "auto")."""
         c = self.cfg
         mode = f"compiled ({c.compile_mode})" if c.compile else "eager"
         if c.grad_checkpointing:
@@ -139,6 +140,8 @@ class Trainer:
         parts = [mode, f"MAE kernels {fk.resolve_backend(model.backend, self.device)}"]
         if fk.resolve_backend(model.norm_backend_for(compiled=c.compile), self.device) != "torch":
             parts.append("add+LayerNorm fused")
+        if model.gelu_backend_for(compiled=c.compile, device=self.device) != "torch":
+            parts.append("bias+GELU fused")
         return ", ".join(parts)
 
     def _epochs(self, start_epoch: int) -> int | None:
