@@ -42,15 +42,16 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 # Order = what the next GPU session most needs to learn (2026-11-28: kernels and tests passed on an H100
 # already; the trainer never ran on a GPU; --precision bf16 became autocast over fp32 weights, the e2e
 # benchmark's numerics; the masked-only decoder tail is unmeasured; ViT-H's 0.966x is unexplained; the eager
-# step's fused add + LayerNorm kernel has only run in the Triton interpreter), so later stages may be cut by
-# the budget.
+# step's fused add + LayerNorm and bias + GELU kernels have only run in the Triton interpreter), so later
+# stages may be cut by the budget.
 # 1. The CUDA extension builds on the CPUs (the e2e runs use its kernels) while the one Triton test that
 #    failed on the H100 (fp32 d(pred), bound since widened to 8 ulps) reruns on the GPU, with the fused residual
-#    add + LayerNorm's tests (2026-11-28: only run in the interpreter and compiled for sm_90 so far).
+#    add + LayerNorm's and bias + GELU's tests (2026-11-28: only run in the interpreter and compiled for sm_90).
 log "start build (background, limit 200s)"
 timeout 200 python -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1 &
 BUILD=$!
-stage triton_tests 130 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py
+stage triton_tests 130 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py \
+  tests/test_triton_bias_gelu.py
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
 
 # 2. The trainer itself on the GPU, which no run had done before: ViT-B, --precision bf16 (autocast over fp32
@@ -75,11 +76,12 @@ else
   keep_run pretrain_B
 fi
 
-# 2b. The eager step with the fused residual add + LayerNorm kernel (the eager default since 2026-11-28, just run
-#    by the trainer above) against torch's add + layer_norm + cast, 3 rounds, no compile, so cheap: here, before
-#    the compile-heavy stages, in case the budget runs out (NOTES §6.5: 1.06-1.10x, 20 GB fewer bytes counted).
-TAIL=10 stage e2e_B_eager_norm 80 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_norm" \
-  --variants fast-eager,fast-eager-plainnorm
+# 2b. The eager step with the fused residual add + LayerNorm and bias + GELU kernels (the eager default since
+#    2026-11-28, just run by the trainer above) against torch's add + layer_norm + cast, and against nn.Linear +
+#    nn.GELU, 3 rounds, no compile, so cheap: here, before the compile-heavy stages, in case the budget runs out
+#    (NOTES §6.5: plainnorm 1.06-1.10x slower, 20 GB more counted; §6.6: plaingelu 1.01-1.03x slower, 2.5 GB).
+TAIL=12 stage e2e_B_eager_norm 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_norm" \
+  --variants fast-eager,fast-eager-plainnorm,fast-eager-plaingelu
 
 if (( HAVE_DS )); then
   TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --zero_stage 0 \
@@ -116,11 +118,11 @@ fi
 #    the blocks are the same code on both sides, so the profile's non-block kernels should show the difference).
 TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
 
-# 6. The remaining controls that split fastmae's gain (NOTES §6.2), and the fused norm kernel inside the compiled
-#    graph against Inductor's own fusion (NOTES §6.5: 0.97-1.03x); fast-compiled-torchops (predicted 0.98-1.02x)
-#    left out for time.
-TAIL=18 stage e2e_B_controls 240 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B_controls" \
-  --variants fast-compiled,ref-compiled-fusedadamw,fast-compiled-flash,fast-compiled-fusednorm
+# 6. The remaining controls that split fastmae's gain (NOTES §6.2), and the fused norm and GELU kernels inside
+#    the compiled graph against Inductor's own fusion (NOTES §6.5, §6.6: 0.97-1.03x, 0.98-1.02x);
+#    fast-compiled-torchops (predicted 0.98-1.02x) left out for time.
+TAIL=18 stage e2e_B_controls 270 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B_controls" \
+  --variants fast-compiled,ref-compiled-fusedadamw,fast-compiled-flash,fast-compiled-fusednorm,fast-compiled-fusedgelu
 
 # 7. If time is left: the kernels at ViT-B shapes (eager calls and CUDA-graph replays), then the CUDA kernel
 #    tests (passed on the H100 on 2026-11-27; the kernels have not changed since).
