@@ -3,7 +3,6 @@ in-process by fastmae.checkpoint_io and fastmae.export, with no separate zero_to
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,15 +14,10 @@ pytest.importorskip("deepspeed")
 from fastmae import export  # noqa: E402
 from fastmae.checkpoint_io import load_mae, read_state_dict  # noqa: E402
 from fastmae.models import create_model  # noqa: E402
+from fastmae.train.launch_local import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "mae_vit_tiny_patch4_dec64d2b"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +27,7 @@ def zero3_run(tmp_path_factory):
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".build", "torch_extensions")))
     shm_before = set(glob.glob("/dev/shm/deepspeed_*"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.join(ROOT, "tests", "_make_zero3_checkpoint.py"), str(out)]
+           "--master_port", str(free_port()), os.path.join(ROOT, "tests", "_make_zero3_checkpoint.py"), str(out)]
     try:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     finally:

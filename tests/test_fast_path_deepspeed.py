@@ -2,20 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fastmae.train.launch_local import free_port
+
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(tmp_path: Path, backend: str, zero: int = 2) -> list[dict]:
@@ -31,7 +26,7 @@ def _run(tmp_path: Path, backend: str, zero: int = 2) -> list[dict]:
         "TRITON_INTERPRET": "1",
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(HERE / "_ds_fast_path_worker.py")]
+           str(free_port()), str(HERE / "_ds_fast_path_worker.py")]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
