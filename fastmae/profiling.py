@@ -15,15 +15,18 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# First match wins; names are lower-cased kernel / op names (cuBLAS, cuDNN, flash, Triton "fused_*" names).
+# First match wins; names are lower-cased kernel / op names (cuBLAS, cuDNN, flash, Triton "fused_*" names, and
+# fastmae_kernels' own: the fused add + LayerNorm and bias + GELU kernels land with the work they replace, the MAE
+# ops' row copies with masking/gather/copy and the norm-pix loss with the reductions; tests/test_profiling.py).
 CATEGORIES = [
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "addmm", "aten::mm", "cublas", "matmul")),
     ("layernorm", ("layer_norm", "layernorm")),
     ("gelu", ("gelu",)),
-    ("reduction", ("reduce", "sum", "mean", "var")),
-    ("masking/gather/copy", ("gather", "scatter", "index", "cat", "copy", "sort", "mask", "fill")),
+    ("reduction", ("reduce", "sum", "mean", "var", "mse")),
+    ("masking/gather/copy", ("gather", "scatter", "index", "cat", "copy", "sort", "mask", "fill", "select_rows",
+                             "selectrows", "insert_backward", "insertbackward", "invert", "tokengrad")),
     ("elementwise", ("elementwise", "vectorized", "triton_poi", "unrolled", "add", "mul")),
 ]
 

@@ -23,13 +23,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
 
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
-from fastmae_kernels.triton_ops.add_layer_norm import _backward_kernel as _aln_backward_kernel  # noqa: E402
-from fastmae_kernels.triton_ops.add_layer_norm import _forward_kernel as _aln_forward_kernel  # noqa: E402
-from fastmae_kernels.triton_ops.bias_gelu import _backward_kernel as _gelu_backward_kernel  # noqa: E402
-from fastmae_kernels.triton_ops.bias_gelu import _forward_kernel as _gelu_forward_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.add_layer_norm import (  # noqa: E402
+    _add_layer_norm_backward_kernel,
+    _add_layer_norm_forward_kernel,
+)
+from fastmae_kernels.triton_ops.bias_gelu import _bias_gelu_backward_kernel, _bias_gelu_forward_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.gather_patches import _gather_patches_kernel, _scatter_patches_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.insert_mask_tokens import _insert_backward_kernel  # noqa: E402
-from fastmae_kernels.triton_ops.masked_mse_loss import _finish_kernel, _mse_rows_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.masked_mse_loss import _mse_finish_kernel, _mse_rows_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.random_masking import _invert_kernel  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def variants():
         consts = dict(NORM_PIX=norm, BACKWARD=backward, BLOCK_R=4, BLOCK_E=1024)
         yield f"mse_rows pred {pred} backward={backward} norm={norm}", _mse_rows_kernel, ptrs, consts, ("eps",)
     ptrs = dict(partial_ptr="fp32", loss_ptr="fp32", mask_sum_ptr="fp32")
-    yield "mse finish", _finish_kernel, ptrs, dict(BLOCK=1024), ()
+    yield "mse finish", _mse_finish_kernel, ptrs, dict(BLOCK=1024), ()
     # add_layer_norm at the launcher's tiles: ViT-B/L (D 768/1024 -> BLOCK_D 1024, 4 rows), ViT-H (1280 -> 2048, 2 rows)
     for x, branch, y, has_branch, block_r, block_d in [
         ("fp32", "bf16", "bf16", True, 4, 1024),  # autocast: fp32 residual stream, bf16 branch and output
@@ -84,8 +85,8 @@ def variants():
         ptrs = dict(x_ptr=x, branch_ptr=branch, weight_ptr="fp32", bias_ptr="fp32", h_ptr=x, y_ptr=y,
                     mean_ptr="fp32", rstd_ptr="fp32")
         consts = dict(HAS_BRANCH=has_branch, BLOCK_R=block_r, BLOCK_D=block_d)
-        yield f"add_layer_norm {x}+{branch}->{y} branch={has_branch} D{block_d}", _aln_forward_kernel, ptrs, consts, \
-            ("eps",), 4 if block_d <= 1024 else 8
+        yield f"add_layer_norm {x}+{branch}->{y} branch={has_branch} D{block_d}", _add_layer_norm_forward_kernel, \
+            ptrs, consts, ("eps",), 4 if block_d <= 1024 else 8
     for dy, h, dx, dbranch, has_dh, has_branch, block_r, block_d in [
         ("bf16", "fp32", "fp32", "bf16", True, True, 2, 1024),
         ("bf16", "fp32", "fp32", "fp32", False, False, 2, 1024),
@@ -95,13 +96,13 @@ def variants():
                     dbranch_ptr=dbranch, dw_ptr="fp32", db_ptr="fp32")
         consts = dict(HAS_DH=has_dh, HAS_BRANCH=has_branch, BLOCK_R=block_r, BLOCK_D=block_d)
         yield f"add_layer_norm_backward dy {dy} h {h} dh={has_dh} branch={has_branch} D{block_d}", \
-            _aln_backward_kernel, ptrs, consts, (), 8
+            _add_layer_norm_backward_kernel, ptrs, consts, (), 8
     # bias_gelu at the launcher's tiles (8 warps; 16 rows x 256 columns forward, 8 x 256 backward)
     for x, bias in [("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16")]:  # autocast, fp32, half weights
         ptrs = dict(x_ptr=x, bias_ptr=bias, y_ptr=x)
-        yield f"bias_gelu {x}+{bias}", _gelu_forward_kernel, ptrs, dict(BLOCK_R=16, BLOCK_F=256), (), 8
+        yield f"bias_gelu {x}+{bias}", _bias_gelu_forward_kernel, ptrs, dict(BLOCK_R=16, BLOCK_F=256), (), 8
         ptrs = dict(dy_ptr=x, x_ptr=x, bias_ptr=bias, dx_ptr=x, db_ptr="fp32")
-        yield f"bias_gelu_backward {x}+{bias}", _gelu_backward_kernel, ptrs, dict(BLOCK_R=8, BLOCK_F=256), (), 8
+        yield f"bias_gelu_backward {x}+{bias}", _bias_gelu_backward_kernel, ptrs, dict(BLOCK_R=8, BLOCK_F=256), (), 8
     for mask in ("fp32", "bf16", "fp64"):
         ptrs = dict(shuffle_ptr="i64", keep_ptr="i64", restore_ptr="i64", mask_ptr=mask)
         yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
@@ -151,8 +152,8 @@ def widths(arch: int = 90) -> None:
     # bias_gelu at ViT-B's MLP width (x [256 * 50, 3072] bf16 + fp32 bias), forward and backward
     values = dict(rows=256 * 50, features=3072, tiles_per_program=2)
     for name, fn, ptrs, block_r in [
-        ("bias_gelu", _gelu_forward_kernel, dict(x_ptr="bf16", bias_ptr="fp32", y_ptr="bf16"), 16),
-        ("bias_gelu_backward", _gelu_backward_kernel,
+        ("bias_gelu", _bias_gelu_forward_kernel, dict(x_ptr="bf16", bias_ptr="fp32", y_ptr="bf16"), 16),
+        ("bias_gelu_backward", _bias_gelu_backward_kernel,
          dict(dy_ptr="bf16", x_ptr="bf16", bias_ptr="fp32", dx_ptr="bf16", db_ptr="fp32"), 8),
     ]:
         used = {k: v for k, v in values.items() if k in fn.arg_names}

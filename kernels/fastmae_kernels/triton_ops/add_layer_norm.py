@@ -24,7 +24,7 @@ MAX_DIM = 16384  # one row per tile row: a [BLOCK_R, next_pow2(D)] fp32 tile mus
 
 
 @triton.jit
-def _forward_kernel(
+def _add_layer_norm_forward_kernel(
     x_ptr, branch_ptr, weight_ptr, bias_ptr, h_ptr, y_ptr, mean_ptr, rstd_ptr,
     rows, dim, eps,
     HAS_BRANCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -53,7 +53,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
+def _add_layer_norm_backward_kernel(
     dy_ptr, dh_ptr, h_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dbranch_ptr, dw_ptr, db_ptr,
     rows, dim, tiles_per_program,
     HAS_DH: tl.constexpr, HAS_BRANCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -137,7 +137,7 @@ def add_layer_norm_op(
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         block_r, block_d, tiles = _tiles(rows, dim, FORWARD_ELEMENTS)
-        _forward_kernel[(tiles,)](
+        _add_layer_norm_forward_kernel[(tiles,)](
             x2, x2 if branch is None else _flat(branch, dim), weight.contiguous(), bias.contiguous(),
             x2 if branch is None else h, y, mean, rstd, rows, dim, float(eps),
             HAS_BRANCH=branch is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_forward_warps(block_d),
@@ -171,7 +171,7 @@ def add_layer_norm_backward_op(
     programs = _backward_programs(tiles, h.device)
     partial = torch.empty((2, programs, dim), dtype=torch.float32, device=h.device)  # [dw, db] per program
     dy2 = _flat(dy, dim)
-    _backward_kernel[(programs,)](
+    _add_layer_norm_backward_kernel[(programs,)](
         dy2, dy2 if dh is None else _flat(dh, dim), _flat(h, dim), weight.contiguous(), mean, rstd, dx,
         dbranch if has_branch else dx, partial[0], partial[1], rows, dim, triton.cdiv(tiles, programs),
         HAS_DH=dh is not None, HAS_BRANCH=has_branch, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=BACKWARD_WARPS,

@@ -26,7 +26,7 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
-def _forward_kernel(x_ptr, bias_ptr, y_ptr, rows, features, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+def _bias_gelu_forward_kernel(x_ptr, bias_ptr, y_ptr, rows, features, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F]
     col_ok = cols < features
@@ -39,7 +39,7 @@ def _forward_kernel(x_ptr, bias_ptr, y_ptr, rows, features, BLOCK_R: tl.constexp
 
 
 @triton.jit
-def _backward_kernel(
+def _bias_gelu_backward_kernel(
     dy_ptr, x_ptr, bias_ptr, dx_ptr, db_ptr, rows, features, tiles_per_program,
     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
@@ -100,7 +100,7 @@ def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if rows and features:
         block_r, block_f = _tiles(rows, features, FORWARD_ELEMENTS)
         grid = (triton.cdiv(rows, block_r), triton.cdiv(features, block_f))
-        _forward_kernel[grid](x2, bias.contiguous(), y, rows, features, BLOCK_R=block_r, BLOCK_F=block_f,
+        _bias_gelu_forward_kernel[grid](x2, bias.contiguous(), y, rows, features, BLOCK_R=block_r, BLOCK_F=block_f,
                               num_warps=WARPS)
     return y
 
@@ -124,7 +124,7 @@ def bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor)
     row_tiles = triton.cdiv(rows, block_r)
     programs = _backward_programs(row_tiles, column_blocks, x.device)
     partial = torch.empty((programs, features), dtype=torch.float32, device=x.device)  # bias partials per program
-    _backward_kernel[(programs, column_blocks)](
+    _bias_gelu_backward_kernel[(programs, column_blocks)](
         _flat(dy, features), x2, bias.contiguous(), dx, partial, rows, features, triton.cdiv(row_tiles, programs),
         BLOCK_R=block_r, BLOCK_F=block_f, num_warps=WARPS,
     )

@@ -57,7 +57,7 @@ def _mse_rows_kernel(
 
 
 @triton.jit
-def _finish_kernel(partial_ptr, loss_ptr, mask_sum_ptr, num_programs, BLOCK: tl.constexpr):
+def _mse_finish_kernel(partial_ptr, loss_ptr, mask_sum_ptr, num_programs, BLOCK: tl.constexpr):
     """One program sums the per-tile partials in a fixed order: loss and sum(mask). Deterministic."""
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     weight = tl.zeros([BLOCK], dtype=tl.float32)
@@ -102,7 +102,7 @@ def masked_mse_loss_op(
     programs = _tiles(pred)[2]
     partial = torch.empty((2, programs), dtype=torch.float32, device=pred.device)  # [loss, mask] per tile
     _launch(pred, imgs, mask, patch_size, norm_pix, eps, partial)
-    _finish_kernel[(1,)](partial, loss, mask_sum, programs, BLOCK=1024)
+    _mse_finish_kernel[(1,)](partial, loss, mask_sum, programs, BLOCK=1024)
     return loss, mask_sum
 
 
