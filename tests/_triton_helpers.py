@@ -23,3 +23,14 @@ def masking(n: int, length: int, ratio: float = 0.75, seed: int = 0):
 def randn(*shape, dtype=torch.float32, seed=0, scale=1.0, shift=0.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(DEVICE, dtype)
+
+
+def assert_close_to_fp64(got, same, exact, dtype, what, ulps: int = 8):
+    """An arithmetic kernel's output `got` against fp64 `exact`: its error at most twice the torch reference's
+    (`same`, in the same dtypes; flash-attention's rule) plus `ulps` fp32 ulps of the largest value."""
+    assert got.dtype == dtype, what
+    scale = exact.abs().max().item()
+    got_err = (got.double() - exact).abs().max().item()
+    same_err = (same.double() - exact).abs().max().item()
+    bound = 2 * same_err + ulps * torch.finfo(torch.float32).eps * scale
+    assert got_err <= bound, f"{what}: {got_err} vs the reference's {same_err}"

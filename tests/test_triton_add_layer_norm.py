@@ -7,7 +7,7 @@ dtypes (flash-attention's rule, as test_triton_loss), plus a few fp32 ulps of th
 
 import pytest
 import torch
-from _triton_helpers import randn, requires_triton
+from _triton_helpers import assert_close_to_fp64, randn, requires_triton
 
 import fastmae_kernels as fk
 from fastmae_kernels import reference
@@ -53,14 +53,6 @@ def _triton(*args):
     return fk.add_layer_norm(*args, backend="triton")
 
 
-def _assert_close_to_fp64(got, same, exact, dtype, what):
-    assert got.dtype == dtype, what
-    scale = exact.abs().max().item()
-    got_err = (got.double() - exact).abs().max().item()
-    same_err = (same.double() - exact).abs().max().item()
-    assert got_err <= 2 * same_err + 8 * FP32_EPS * scale, f"{what}: {got_err} vs the reference's {same_err}"
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("x_dtype, branch_dtype, out_dtype", DTYPE_CASES)
 @pytest.mark.parametrize("h_used", [True, False])  # h feeds the next residual add, or (a stack's last norm) not
@@ -75,14 +67,14 @@ def test_add_layer_norm_matches_references(shape, x_dtype, branch_dtype, out_dty
     exact = _run(reference.add_layer_norm, x, branch, weight, bias, out_dtype, grad_h, grad_y, cast=torch.float64)
 
     assert torch.equal(got[0], same[0]) and got[0].dtype == h_dtype  # h: the add, bit for bit
-    _assert_close_to_fp64(got[1], same[1], exact[1], out_dtype, "y")
+    assert_close_to_fp64(got[1], same[1], exact[1], out_dtype, "y")
     for name, g, s, e, leaf in zip(("x", "branch", "weight", "bias"), got[2], same[2], exact[2],
                                    (x, branch, weight, bias)):
         if leaf is None:
             assert g is None
             continue
         assert g is not None and g.abs().sum() > 0, name
-        _assert_close_to_fp64(g, s, e, leaf.dtype, f"d{name}")
+        assert_close_to_fp64(g, s, e, leaf.dtype, f"d{name}")
 
 
 def test_add_layer_norm_output_only_on_the_residual():

@@ -7,7 +7,7 @@ in the same dtypes (flash-attention's rule, as test_triton_loss), plus a few fp3
 
 import pytest
 import torch
-from _triton_helpers import randn, requires_triton
+from _triton_helpers import assert_close_to_fp64, randn, requires_triton
 
 import fastmae_kernels as fk
 from fastmae_kernels import reference
@@ -47,14 +47,6 @@ def _triton(x, bias):
     return fk.bias_gelu(x, bias, backend="triton")
 
 
-def _assert_close_to_fp64(got, same, exact, dtype, what):
-    assert got.dtype == dtype, what
-    scale = exact.abs().max().item()
-    got_err = (got.double() - exact).abs().max().item()
-    same_err = (same.double() - exact).abs().max().item()
-    assert got_err <= 2 * same_err + 8 * FP32_EPS * scale, f"{what}: {got_err} vs the reference's {same_err}"
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("x_dtype, bias_dtype", DTYPE_CASES)
 def test_bias_gelu_matches_references(shape, x_dtype, bias_dtype):
@@ -67,7 +59,7 @@ def test_bias_gelu_matches_references(shape, x_dtype, bias_dtype):
 
     for name, g, s, e, dtype in zip(("y", "dx", "dbias"), got, same, exact, (x_dtype, x_dtype, bias_dtype)):
         assert g.abs().sum() > 0, name
-        _assert_close_to_fp64(g, s, e, dtype, name)
+        assert_close_to_fp64(g, s, e, dtype, name)
 
 
 def test_bias_gelu_is_the_mlp_activation():
