@@ -123,3 +123,14 @@ class WrittenBytes(TorchDispatchMode):
         self.bytes[name] += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
         self.read[name] += sum(t.numel() * t.element_size() for t in ins)
         return out
+
+
+def bytes_per_image(count: Callable[[int], "WrittenBytes"], small: int = 8, large: int = 16):
+    """Per aten op: (bytes moved = read + written, bytes written) per image and the calls at batch `large`, from
+    `count(batch)` (a finished WrittenBytes of one step at that batch) at two batch sizes: (large - small) /
+    (large - small images) is what grows with the batch (activations), without the per-step weight traffic."""
+    lo, hi = count(small), count(large)
+    images = large - small
+    moved = Counter({k: (hi.bytes[k] + hi.read[k] - lo.bytes[k] - lo.read[k]) / images for k in hi.calls})
+    written = Counter({k: (hi.bytes[k] - lo.bytes[k]) / images for k in hi.calls})
+    return moved, written, hi.calls

@@ -21,7 +21,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 
 from fastmae.models.registry import create_model  # noqa: E402
-from fastmae.profiling import WrittenBytes  # noqa: E402
+from fastmae.profiling import WrittenBytes, bytes_per_image  # noqa: E402
 
 NAME = "mae_vit_base_patch16_dec512d8b"
 
@@ -40,11 +40,7 @@ def count(gelu_backend: str, batch: int) -> WrittenBytes:
 
 
 def per_image(gelu_backend: str) -> tuple[Counter, Counter, Counter]:
-    small, large = count(gelu_backend, 8), count(gelu_backend, 16)
-    keys = set(large.calls)
-    moved = Counter({k: (large.bytes[k] + large.read[k] - small.bytes[k] - small.read[k]) / 8 for k in keys})
-    written = Counter({k: (large.bytes[k] - small.bytes[k]) / 8 for k in keys})
-    return moved, written, large.calls
+    return bytes_per_image(lambda batch: count(gelu_backend, batch))
 
 
 def main() -> None:
