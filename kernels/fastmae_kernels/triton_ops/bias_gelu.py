@@ -9,7 +9,8 @@ deterministic, no atomics) into the fp32 bias gradient. The forward moves the sa
 backward saves one read of the [rows, F] gradient and two launches per MLP.
 
 Arithmetic in fp32 whatever the storage dtype: x + bias is not rounded before GELU (torch rounds the addmm
-output to bf16 under autocast), and the bias gradient is summed in fp32 (torch sums in bf16 under autocast).
+output to bf16 under autocast), and the bias gradient is summed and returned in fp32 (torch returns its sum
+rounded to bf16 under autocast, then casts it to the fp32 bias).
 
 kernels -> launchers -> two custom ops (`fastmae_triton::bias_gelu` and its backward) -> autograd.
 """
