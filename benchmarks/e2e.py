@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/e2e.py` from anywhere
 
+import fastmae_kernels as fk  # noqa: E402
 from benchmarks import common  # noqa: E402
 from fastmae import profiling  # noqa: E402
 from fastmae.models import create_model, model_config  # noqa: E402
@@ -176,12 +177,12 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
     return model, optimizer
 
 
-def norm_path(spec: Variant, model) -> str:
+def norm_path(spec: Variant, model, device: torch.device) -> str:
     """How the variant's residual add + LayerNorm ran: torch ops (eager), Inductor (compiled) or the fused kernel
     of a fastmae_kernels backend (fastmae's norm_backend as it resolves, benchmarks/NOTES.md §6.5)."""
     if spec.reference:
         return "inductor" if spec.mode else "torch ops"
-    backend = model.norm_backend_for(compiled=spec.mode is not None)
+    backend = fk.dispatch.block_ops_backend(model.norm_backend_for(compiled=spec.mode is not None), device)
     if backend == "torch":
         return "inductor" if spec.mode else "torch ops"
     return f"add_layer_norm ({backend})"
@@ -272,7 +273,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
-            row["norms"] = norm_path(spec, model)
+            row["norms"] = norm_path(spec, model, device)
             row["gelus"] = gelu_path(spec, model, device)
             step = make_step(model, optimizer, imgs, args.mask_ratio, **spec.forward_kwargs())
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)

@@ -136,7 +136,7 @@ def test_fusion_controls_say_how_their_norms_and_gelus_run(variant, norms, gelus
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
     spec = e2e.VARIANTS[variant]
     model, _ = e2e.build(spec, "mae_vit_tiny_patch4_dec64d2b", None, torch.device("cpu"), lr=1e-3, backend="auto")
-    assert e2e.norm_path(spec, model) == norms
+    assert e2e.norm_path(spec, model, torch.device("cpu")) == norms
     assert e2e.gelu_path(spec, model, torch.device("cpu")) == gelus
 
 

@@ -54,15 +54,17 @@ class MaskedAutoencoderViT(MAEParameters):
             return self.norm_backend
         return "torch" if compiled else self.backend
 
-    def _resolved_norm_backend(self) -> str:
-        return self.norm_backend_for(compiled=torch.compiler.is_compiling())
+    def _resolved_norm_backend(self, device: torch.device) -> str:
+        """The concrete backend the norms run on here: "torch" also where the kernels backend's Triton kernels
+        cannot run (fastmae_kernels.dispatch.block_ops_backend), so nothing claims a fusion that does not run."""
+        return fk.dispatch.block_ops_backend(self.norm_backend_for(torch.compiler.is_compiling()), device)
 
     def gelu_backend_for(self, compiled: bool, device: torch.device | str) -> str:
         """The concrete fastmae_kernels backend each MLP's fc1 bias + GELU runs on, eager or inside torch.compile,
         by the norms' rule (compiled, "auto" is "torch": Inductor fuses the bias, GELU and the bias gradient's sum
         into its own kernels); "torch" means nn.Linear + nn.GELU."""
         backend = self.gelu_backend if self.gelu_backend != "auto" else ("torch" if compiled else self.backend)
-        return fk.resolve_backend(backend, device)
+        return fk.dispatch.block_ops_backend(backend, device)
 
     def _resolved_gelu_backend(self, device: torch.device) -> str | None:
         """What `Block(..., gelu_backend=)` takes: None for the plain modules."""
@@ -72,7 +74,7 @@ class MaskedAutoencoderViT(MAEParameters):
     def _run_stack(self, blocks: nn.ModuleList, x: torch.Tensor, last_rows: torch.Tensor | None = None):
         """x [N, S, D] through `blocks` -> (stream, pending): the stack's output is stream + pending (pending is
         None without blocks), [N, S, D] each, or [N, M, D] at `last_rows` [N, M] (the last block's rows)."""
-        backend = self._resolved_norm_backend()
+        backend = self._resolved_norm_backend(x.device)
         gelu = self._resolved_gelu_backend(x.device)
         pending = None
         for i, blk in enumerate(blocks):
@@ -85,7 +87,7 @@ class MaskedAutoencoderViT(MAEParameters):
 
     def _final_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         """norm(x + pending), in the dtype norm() returns (fp32 under autocast), as the official model's."""
-        return add_norm(norm, x, pending, self._resolved_norm_backend(), for_linear=False)[1]
+        return add_norm(norm, x, pending, self._resolved_norm_backend(x.device), for_linear=False)[1]
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         ids_keep, ids_restore, mask = fk.random_masking(noise, mask_ratio, backend=self.backend)

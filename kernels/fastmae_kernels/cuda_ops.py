@@ -10,6 +10,8 @@ kernels' functors in a host loop: that is for tests without a GPU, and `unavaila
 this backend for CPU tensors.
 """
 
+import logging
+
 import torch
 
 from fastmae_kernels import checks, reference
@@ -23,10 +25,13 @@ except ImportError as exc:  # not built (no CUDA torch / no nvcc at install time
     IMPORT_ERROR = exc
 
 try:  # imported here, not inside the op: the op may be called while torch.compile traces
+    from fastmae_kernels.triton_ops import _common as _triton_common
     from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm as _triton_add_layer_norm
     from fastmae_kernels.triton_ops.bias_gelu import bias_gelu as _triton_bias_gelu
 except ImportError:  # no Triton: add_layer_norm and bias_gelu run the torch references
-    _triton_add_layer_norm = _triton_bias_gelu = None
+    _triton_common = _triton_add_layer_norm = _triton_bias_gelu = None
+_fallbacks_logged: set[str] = set()
+log = logging.getLogger("fastmae_kernels")
 
 _smoke: dict[int, str | None] = {}  # device index -> None when a tiny op ran correctly there
 
@@ -232,18 +237,36 @@ def masked_mse_loss(
     return torch.ops.fastmae_cuda.masked_mse_loss(pred, imgs, mask, int(patch_size), bool(norm_pix), float(eps))
 
 
+def fused_kernels_reason(device: torch.device) -> str | None:
+    """None when this backend's add_layer_norm and bias_gelu run their Triton kernels on `device`, else why they
+    run the torch references instead (Triton missing, or unable to compile there: fastmae_kernels.triton_ops)."""
+    if _triton_common is None:
+        return "Triton is not installed"
+    return _triton_common.unavailable_reason(torch.device(device))
+
+
+def _use_triton(op: str, device: torch.device) -> bool:
+    reason = fused_kernels_reason(device)
+    if reason is not None and op not in _fallbacks_logged:
+        _fallbacks_logged.add(op)
+        log.warning("fastmae_kernels.%s (cuda backend) runs the torch reference: %s", op, reason)
+    return reason is None
+
+
 def add_layer_norm(
     x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, branch [*, D] -> (h, y): the Triton kernel (no C++ version of this op), or the reference without Triton."""
-    if _triton_add_layer_norm is None:
+    """x, branch [*, D] -> (h, y): the Triton kernel (no C++ version of this op), or the reference where Triton
+    is missing or cannot compile (logged once)."""
+    if not _use_triton("add_layer_norm", x.device):
         return reference.add_layer_norm(x, branch, weight, bias, eps, out_dtype)
     return _triton_add_layer_norm(x, branch, weight, bias, eps, out_dtype)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [*, F], bias [F] -> GELU(x + bias): the Triton kernel (no C++ version), or the reference without Triton."""
-    if _triton_bias_gelu is None:
+    """x [*, F], bias [F] -> GELU(x + bias): the Triton kernel (no C++ version), or the reference where Triton is
+    missing or cannot compile (logged once)."""
+    if not _use_triton("bias_gelu", x.device):
         return reference.bias_gelu(x, bias)
     return _triton_bias_gelu(x, bias)

@@ -67,3 +67,13 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def backend_module(backend: str, device: torch.device | str) -> ModuleType:
     return _load(resolve_backend(backend, device))
+
+
+def block_ops_backend(backend: str, device: torch.device | str) -> str:
+    """The backend the fused block ops (add_layer_norm, bias_gelu) really run on for `backend` on `device`:
+    `resolve_backend`'s answer, except "torch" where that is "cuda" and their Triton kernels cannot run there
+    (the cuda backend then runs the references), so callers can say, and choose, what runs."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "cuda" and _load("cuda").fused_kernels_reason(torch.device(device)) is not None:
+        return "torch"
+    return chosen

@@ -4,6 +4,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 
 from fastmae_kernels import checks
@@ -11,13 +12,48 @@ from fastmae_kernels import checks
 # Kernels are defined (interpreted or compiled) when their module is imported: Triton reads
 # TRITON_INTERPRET at @triton.jit time, so setting it later has no effect on these kernels.
 INTERPRETED = bool(knobs.runtime.interpret)
+_compiles: dict[int, str | None] = {}  # CUDA device index -> None when a kernel compiled and ran correctly there
+
+
+@triton.jit
+def _toolchain_copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=ok) + 1.0, mask=ok)
+
+
+def _run_toolchain_kernel(device: torch.device) -> bool:
+    src = torch.arange(5, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    _toolchain_copy_kernel[(1,)](src, dst, 5, BLOCK=8)
+    return torch.equal(dst.cpu(), src.cpu() + 1)
+
+
+def compile_check(device: torch.device) -> str | None:
+    """Compiles and runs one tiny kernel on the CUDA `device`, once per device: None if it worked, else one line.
+
+    Importing Triton proves little: its first launch builds a C launcher (a C compiler must be installed) and
+    runs ptxas for the card, so a runtime image without a compiler fails there, at the first training step."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _compiles:
+        try:
+            ok = _run_toolchain_kernel(torch.device("cuda", index))
+            _compiles[index] = None if ok else "a smoke-test Triton kernel gave wrong values on this device"
+        except Exception as exc:  # Triton's build failures come as many types (RuntimeError, CalledProcessError...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _compiles[index] = f"Triton cannot compile or run a kernel on this device ({first})"
+    return _compiles[index]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None when the Triton kernels can run on tensors of `device`, else one line saying why not."""
     device = torch.device(device)
     if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if torch.compiler.is_compiling():  # no real tensors while tracing; eager calls ran the check first
+            return _compiles.get(device.index if device.index is not None else 0)
+        return compile_check(device)
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before import"
