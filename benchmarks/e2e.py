@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/e2e.py` from anywhere
 
-import fastmae_kernels as fk  # noqa: E402
 from benchmarks import common  # noqa: E402
 from fastmae import profiling  # noqa: E402
 from fastmae.models import create_model, model_config  # noqa: E402
@@ -142,8 +141,8 @@ class SdpaBackend(torch.nn.Module):
     def backend(self) -> str:  # the wrapped model's kernels backend, for the row's `kernels` column
         return self.inner.backend
 
-    def norm_backend_for(self, compiled: bool) -> str:  # and its norms' (the row's `norms` column)
-        return self.inner.norm_backend_for(compiled)
+    def norm_backend_for(self, compiled: bool, device) -> str:  # and its norms' (the row's `norms` column)
+        return self.inner.norm_backend_for(compiled, device)
 
     def gelu_backend_for(self, compiled: bool, device) -> str:  # and its MLPs' (the row's `gelus` column)
         return self.inner.gelu_backend_for(compiled, device)
@@ -177,26 +176,16 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
     return model, optimizer
 
 
-def norm_path(spec: Variant, model, device: torch.device) -> str:
-    """How the variant's residual add + LayerNorm ran: torch ops (eager), Inductor (compiled) or the fused kernel
-    of a fastmae_kernels backend (fastmae's norm_backend as it resolves, benchmarks/NOTES.md §6.5)."""
-    if spec.reference:
-        return "inductor" if spec.mode else "torch ops"
-    backend = fk.dispatch.block_ops_backend(model.norm_backend_for(compiled=spec.mode is not None), device)
-    if backend == "torch":
-        return "inductor" if spec.mode else "torch ops"
-    return f"add_layer_norm ({backend})"
-
-
-def gelu_path(spec: Variant, model, device: torch.device) -> str:
-    """How the variant's MLP fc1 bias + GELU ran: torch ops (addmm, gelu), Inductor, or the fused kernel of a
-    fastmae_kernels backend (fastmae's gelu_backend as it resolves)."""
-    if spec.reference:
-        return "inductor" if spec.mode else "torch ops"
-    backend = model.gelu_backend_for(compiled=spec.mode is not None, device=device)
-    if backend == "torch":
-        return "inductor" if spec.mode else "torch ops"
-    return f"bias_gelu ({backend})"
+def fused_path(spec: Variant, model, device: torch.device, op: str) -> str:
+    """How the variant's residual add + LayerNorm (`op` "add_layer_norm") or MLP fc1 bias + GELU ("bias_gelu")
+    ran: torch ops (eager), Inductor (compiled) or the op's fused kernel on a fastmae_kernels backend (fastmae's
+    norm_backend / gelu_backend as they resolve, benchmarks/NOTES.md §6.5, §6.6)."""
+    if not spec.reference:
+        backend_for = model.norm_backend_for if op == "add_layer_norm" else model.gelu_backend_for
+        backend = backend_for(compiled=spec.mode is not None, device=device)
+        if backend != "torch":
+            return f"{op} ({backend})"
+    return "inductor" if spec.mode else "torch ops"
 
 
 def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, **forward_kwargs):
@@ -273,8 +262,8 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             flavour = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), None)
             row["adamw"] = type(optimizer).__name__ + (f"({flavour})" if flavour else "")
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
-            row["norms"] = norm_path(spec, model, device)
-            row["gelus"] = gelu_path(spec, model, device)
+            row["norms"] = fused_path(spec, model, device, "add_layer_norm")
+            row["gelus"] = fused_path(spec, model, device, "bias_gelu")
             step = make_step(model, optimizer, imgs, args.mask_ratio, **spec.forward_kwargs())
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())

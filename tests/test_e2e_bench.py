@@ -136,8 +136,8 @@ def test_fusion_controls_say_how_their_norms_and_gelus_run(variant, norms, gelus
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
     spec = e2e.VARIANTS[variant]
     model, _ = e2e.build(spec, "mae_vit_tiny_patch4_dec64d2b", None, torch.device("cpu"), lr=1e-3, backend="auto")
-    assert e2e.norm_path(spec, model, torch.device("cpu")) == norms
-    assert e2e.gelu_path(spec, model, torch.device("cpu")) == gelus
+    assert e2e.fused_path(spec, model, torch.device("cpu"), "add_layer_norm") == norms
+    assert e2e.fused_path(spec, model, torch.device("cpu"), "bias_gelu") == gelus
 
 
 def test_sdpa_variant_runs_each_forward_under_the_forced_backend(monkeypatch):

@@ -32,11 +32,10 @@ class MaskedAutoencoderViT(MAEParameters):
             if value not in ("auto", *fk.BACKENDS):
                 raise ValueError(f"{name} must be 'auto' or one of {fk.BACKENDS}, got {value!r}")
         self.backend = backend
-        # the fastmae_kernels backend of the fused residual add + LayerNorm; "auto": the MAE ops' backend in eager
-        # mode (the kernel on a GPU, the reference ops on a CPU), the reference ops inside torch.compile
+        # the fastmae_kernels backends of the fused residual add + LayerNorm and of each MLP's fc1 bias + GELU
+        # ("auto": `_block_ops_for`); for the GELU "torch" means nn.Linear and nn.GELU's own ops, the reference's
+        # bit for bit (the op's torch reference adds the bias in fp32 instead)
         self.norm_backend = norm_backend
-        # the same for each MLP's fc1 bias + GELU; "torch" (and "auto" where it resolves to torch): nn.Linear and
-        # nn.GELU's own ops, the reference's bit for bit (the op's torch reference adds the bias in fp32 instead)
         self.gelu_backend = gelu_backend
         self.grad_checkpointing = False
 
@@ -45,26 +44,23 @@ class MaskedAutoencoderViT(MAEParameters):
         activation memory drops to one block's plus the residual stream, for ~1/3 more forward compute."""
         self.grad_checkpointing = bool(enable)
 
-    def norm_backend_for(self, compiled: bool) -> str:
-        """The fastmae_kernels backend the fused add + LayerNorm runs on, eager or inside torch.compile ("auto"
-        stays for fastmae_kernels to resolve). Compiled, "auto" is "torch": Inductor fuses the add, LayerNorm and
-        cast into its own kernels (an opaque op would only replace them; whether the hand kernel beats
-        Inductor's is a measurement: benchmarks/NOTES.md §6.5)."""
-        if self.norm_backend != "auto":
-            return self.norm_backend
-        return "torch" if compiled else self.backend
+    def _block_ops_for(self, setting: str, compiled: bool, device: torch.device | str) -> str:
+        """The concrete backend a fused block op (the norms' add + LayerNorm, the MLPs' bias + GELU) runs on: an
+        explicit setting as given, "auto" the MAE ops' backend in eager mode and "torch" inside torch.compile,
+        whose Inductor fuses the same ops into its own kernels (an opaque op would only replace them; whether a
+        hand kernel beats Inductor's is a measurement: benchmarks/NOTES.md §6.5, §6.6). "torch" also where the
+        kernels backend's Triton kernels cannot run (fastmae_kernels.dispatch.block_ops_backend), so nothing
+        claims a fusion that does not run."""
+        backend = setting if setting != "auto" else ("torch" if compiled else self.backend)
+        return fk.dispatch.block_ops_backend(backend, device)
 
-    def _resolved_norm_backend(self, device: torch.device) -> str:
-        """The concrete backend the norms run on here: "torch" also where the kernels backend's Triton kernels
-        cannot run (fastmae_kernels.dispatch.block_ops_backend), so nothing claims a fusion that does not run."""
-        return fk.dispatch.block_ops_backend(self.norm_backend_for(torch.compiler.is_compiling()), device)
+    def norm_backend_for(self, compiled: bool, device: torch.device | str) -> str:
+        """The backend each residual add + LayerNorm runs on, eager or inside torch.compile (`_block_ops_for`)."""
+        return self._block_ops_for(self.norm_backend, compiled, device)
 
     def gelu_backend_for(self, compiled: bool, device: torch.device | str) -> str:
-        """The concrete fastmae_kernels backend each MLP's fc1 bias + GELU runs on, eager or inside torch.compile,
-        by the norms' rule (compiled, "auto" is "torch": Inductor fuses the bias, GELU and the bias gradient's sum
-        into its own kernels); "torch" means nn.Linear + nn.GELU."""
-        backend = self.gelu_backend if self.gelu_backend != "auto" else ("torch" if compiled else self.backend)
-        return fk.dispatch.block_ops_backend(backend, device)
+        """The backend each MLP's fc1 bias + GELU runs on (`_block_ops_for`); "torch" means nn.Linear + nn.GELU."""
+        return self._block_ops_for(self.gelu_backend, compiled, device)
 
     def _resolved_gelu_backend(self, device: torch.device) -> str | None:
         """What `Block(..., gelu_backend=)` takes: None for the plain modules."""
@@ -74,7 +70,7 @@ class MaskedAutoencoderViT(MAEParameters):
     def _run_stack(self, blocks: nn.ModuleList, x: torch.Tensor, last_rows: torch.Tensor | None = None):
         """x [N, S, D] through `blocks` -> (stream, pending): the stack's output is stream + pending (pending is
         None without blocks), [N, S, D] each, or [N, M, D] at `last_rows` [N, M] (the last block's rows)."""
-        backend = self._resolved_norm_backend(x.device)
+        backend = self.norm_backend_for(torch.compiler.is_compiling(), x.device)
         gelu = self._resolved_gelu_backend(x.device)
         pending = None
         for i, blk in enumerate(blocks):
@@ -87,7 +83,8 @@ class MaskedAutoencoderViT(MAEParameters):
 
     def _final_norm(self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         """norm(x + pending), in the dtype norm() returns (fp32 under autocast), as the official model's."""
-        return add_norm(norm, x, pending, self._resolved_norm_backend(x.device), for_linear=False)[1]
+        backend = self.norm_backend_for(torch.compiler.is_compiling(), x.device)
+        return add_norm(norm, x, pending, backend, for_linear=False)[1]
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         ids_keep, ids_restore, mask = fk.random_masking(noise, mask_ratio, backend=self.backend)

@@ -138,7 +138,7 @@ class Trainer:
             mode += " + block checkpointing"
         model = self.engine.module
         parts = [mode, f"MAE kernels {fk.resolve_backend(model.backend, self.device)}"]
-        if fk.dispatch.block_ops_backend(model.norm_backend_for(compiled=c.compile), self.device) != "torch":
+        if model.norm_backend_for(compiled=c.compile, device=self.device) != "torch":
             parts.append("add+LayerNorm fused")
         if model.gelu_backend_for(compiled=c.compile, device=self.device) != "torch":
             parts.append("bias+GELU fused")
