@@ -35,13 +35,18 @@ class LayerNorm(nn.LayerNorm):
     them (wrappers that manage parameters by module hooks, FLOP counters); ZeRO-3 with every parameter
     partitioned is tested in the trainer."""
 
+    @property
+    def fusable(self) -> bool:
+        """Affine over the last dimension: what add_layer_norm computes."""
+        return self.weight is not None and self.bias is not None and len(self.normalized_shape) == 1
+
     def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None, backend: str | None = None,
                 for_linear: bool = True):
         if backend is None:
             if branch is not None:
                 raise ValueError("LayerNorm: a branch to add needs backend= (the fused call returns (h, y))")
             return super().forward(x)
-        if self.weight is None or self.bias is None or len(self.normalized_shape) != 1:
+        if not self.fusable:
             raise ValueError("LayerNorm: the fused call needs an affine norm over the last dimension")
         device = x.device.type
         out_dtype = None  # h's dtype: nn.LayerNorm's output without autocast
@@ -54,8 +59,7 @@ def add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None, back
              for_linear: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(h = x + branch, y = norm(h)): fused when `norm` is fastmae's affine LayerNorm over the last dimension,
     else the add then the norm."""
-    fusable = isinstance(norm, LayerNorm) and norm.weight is not None and norm.bias is not None
-    if fusable and len(norm.normalized_shape) == 1:
+    if isinstance(norm, LayerNorm) and norm.fusable:
         return norm(x, branch, backend=backend, for_linear=for_linear)
     h = x if branch is None else x + branch
     return h, norm(h)
