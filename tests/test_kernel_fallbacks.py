@@ -62,3 +62,24 @@ def test_triton_compiles_on_this_card():
 
     assert _common.compile_check(torch.device("cuda", torch.cuda.current_device())) is None
     assert cuda_ops.fused_kernels_reason(torch.device("cuda")) is None
+
+
+def test_device_smoke_test_caches_wrong_answers_and_catches_only_the_errors_named():
+    """The one-time device check both GPU backends use (the CUDA extension's smoke op, Triton's compile check)."""
+    cache: dict = {}
+    assert dispatch.device_smoke_test(cache, torch.device("cuda", 3), lambda d: False, "wrong", "failed: {error}") \
+        == "wrong" and cache == {3: "wrong"}
+
+    def raises(error):
+        def run(device):
+            raise error
+        return run
+
+    got = dispatch.device_smoke_test({}, torch.device("cuda", 0), raises(RuntimeError("no kernel image\nmore")),
+                                     "wrong", "failed: {error}")
+    assert got == "failed: no kernel image"
+    with pytest.raises(ValueError):  # not a RuntimeError: the CUDA extension's check lets it through
+        dispatch.device_smoke_test({}, torch.device("cuda", 0), raises(ValueError("bug")), "wrong", "failed: {error}")
+    got = dispatch.device_smoke_test({}, torch.device("cuda", 0), raises(ValueError("")), "wrong", "failed: {error}",
+                                     errors=(Exception,))
+    assert got == "failed: ValueError"  # an empty message names the exception type

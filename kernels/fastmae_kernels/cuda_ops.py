@@ -15,6 +15,7 @@ import logging
 import torch
 
 from fastmae_kernels import checks, reference
+from fastmae_kernels.dispatch import device_smoke_test
 from fastmae_kernels.reference import num_kept
 
 try:
@@ -36,20 +37,19 @@ log = logging.getLogger("fastmae_kernels")
 _smoke: dict[int, str | None] = {}  # device index -> None when a tiny op ran correctly there
 
 
+def _run_smoke_op(device: torch.device) -> bool:
+    x = torch.arange(24, dtype=torch.float32, device=device).view(1, 6, 4)  # [1, 6, 4]
+    ids = torch.tensor([[4, 1]], device=device)
+    got = torch.ops.fastmae_cuda.gather_tokens(x, ids, None)
+    return torch.equal(got.cpu(), x.cpu()[:, [4, 1]])
+
+
 def _smoke_test(device: torch.device) -> str | None:
     """Runs one tiny op on `device`: catches a build without code for this card ("no kernel image")."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _smoke:
-        try:
-            x = torch.arange(24, dtype=torch.float32, device=device).view(1, 6, 4)  # [1, 6, 4]
-            ids = torch.tensor([[4, 1]], device=device)
-            got = torch.ops.fastmae_cuda.gather_tokens(x, ids, None)
-            ok = torch.equal(got.cpu(), x.cpu()[:, [4, 1]])
-            _smoke[index] = None if ok else "a smoke test of the CUDA extension gave wrong values on this device"
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            _smoke[index] = f"the CUDA extension does not run on this device: {first}"
-    return _smoke[index]
+    return device_smoke_test(
+        _smoke, device, _run_smoke_op, wrong="a smoke test of the CUDA extension gave wrong values on this device",
+        failed="the CUDA extension does not run on this device: {error}",
+    )
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -61,8 +61,6 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"the CUDA kernels run on CUDA devices, not on {device.type}"
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    if torch.compiler.is_compiling():  # no real tensors while tracing; eager calls ran the smoke test first
-        return _smoke.get(device.index if device.index is not None else 0)
     return _smoke_test(device)
 
 

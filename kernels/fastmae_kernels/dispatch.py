@@ -8,6 +8,7 @@ Backends are imported lazily, so `import fastmae_kernels` needs neither Triton n
 
 import importlib
 import logging
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -77,3 +78,21 @@ def block_ops_backend(backend: str, device: torch.device | str) -> str:
     if chosen == "cuda" and _load("cuda").fused_kernels_reason(torch.device(device)) is not None:
         return "torch"
     return chosen
+
+
+def device_smoke_test(cache: dict[int, str | None], device: torch.device, run: Callable[[torch.device], bool],
+                      wrong: str, failed: str, errors: tuple[type[BaseException], ...] = (RuntimeError,)) -> str | None:
+    """A backend's one-time check that its kernels run on a CUDA device: `run(device)` launches a tiny op and
+    says whether it gave the known answer. None when it did, else `wrong`, or `failed` with the first line of
+    the error (`{error}`) when it raised one of `errors`; cached per device index in `cache`. While torch.compile
+    traces (no real tensors) only the cache is read: eager calls ran the check first."""
+    if torch.compiler.is_compiling():
+        return cache.get(device.index if device.index is not None else 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in cache:
+        try:
+            cache[index] = None if run(torch.device("cuda", index)) else wrong
+        except errors as exc:
+            text = str(exc).strip()
+            cache[index] = failed.format(error=text.splitlines()[0] if text else type(exc).__name__)
+    return cache[index]

@@ -8,6 +8,7 @@ import triton.language as tl
 from triton import knobs
 
 from fastmae_kernels import checks
+from fastmae_kernels.dispatch import device_smoke_test
 
 # Kernels are defined (interpreted or compiled) when their module is imported: Triton reads
 # TRITON_INTERPRET at @triton.jit time, so setting it later has no effect on these kernels.
@@ -33,16 +34,12 @@ def compile_check(device: torch.device) -> str | None:
     """Compiles and runs one tiny kernel on the CUDA `device`, once per device: None if it worked, else one line.
 
     Importing Triton proves little: its first launch builds a C launcher (a C compiler must be installed) and
-    runs ptxas for the card, so a runtime image without a compiler fails there, at the first training step."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _compiles:
-        try:
-            ok = _run_toolchain_kernel(torch.device("cuda", index))
-            _compiles[index] = None if ok else "a smoke-test Triton kernel gave wrong values on this device"
-        except Exception as exc:  # Triton's build failures come as many types (RuntimeError, CalledProcessError...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            _compiles[index] = f"Triton cannot compile or run a kernel on this device ({first})"
-    return _compiles[index]
+    runs ptxas for the card, so a runtime image without a compiler fails there, at the first training step.
+    Triton's build failures come as many exception types (RuntimeError, CalledProcessError, ...): all count."""
+    return device_smoke_test(
+        _compiles, device, _run_toolchain_kernel, wrong="a smoke-test Triton kernel gave wrong values on this device",
+        failed="Triton cannot compile or run a kernel on this device ({error})", errors=(Exception,),
+    )
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -51,8 +48,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available"
-        if torch.compiler.is_compiling():  # no real tensors while tracing; eager calls ran the check first
-            return _compiles.get(device.index if device.index is not None else 0)
         return compile_check(device)
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
