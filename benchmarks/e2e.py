@@ -85,9 +85,9 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
                  "math": "MATH"}
 GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
-COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "effective_tflops", "mfu", "own_tflops",
-           "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib", "first_step_s", "final_loss", "adamw", "kernels",
-           "norms", "gelus", "rounds", "round_spread"]
+COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "step_ms_p20", "step_ms_p80",
+           "effective_tflops", "mfu", "own_tflops", "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib",
+           "first_step_s", "final_loss", "adamw", "kernels", "norms", "gelus", "rounds", "round_spread"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -403,22 +403,63 @@ def bench_model(key: str, args, peak_tflops: float, out: Path, bar, on_row=None)
     return rows
 
 
+def step_range(row: dict) -> tuple[float, float] | None:
+    """How far one variant's step time moved while it was measured, in ms: (p20, p80) of a single pass, or
+    (fastest, slowest) round median with --rounds; None when the row has neither."""
+    if row.get("round_ms"):
+        return min(row["round_ms"]), max(row["round_ms"])
+    if row.get("step_ms_p20") and row.get("step_ms_p80"):
+        return row["step_ms_p20"], row["step_ms_p80"]
+    return None
+
+
+PAIRS = ("eager", "compiled", "best_vs_ref_compiled", "repeat_drift")
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """fastmae / reference images/s per model: eager/eager, compiled/compiled, best fastmae / compiled ref;
-    with --repeat-first also the drift: the first variant's second timing over its first."""
+    with --repeat-first also the drift: the first variant's second timing over its first. Each ratio comes with
+    `<pair>_range` = [lo, hi], the ratio at the two variants' opposite ends of their step_range (slowest
+    fastmae over fastest reference, and the reverse): a range that contains 1 is no measured difference."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        ok = {r["variant"]: r["img_s"] for r in rows if r["model"] == model and r["status"] == "ok"}
-        fast_best = max((v for k, v in ok.items() if k.startswith("fast") and "#" not in k), default=None)
+        ok = {r["variant"]: r for r in rows if r["model"] == model and r["status"] == "ok"}
+        fast_best = max((k for k in ok if k.startswith("fast") and "#" not in k), key=lambda k: ok[k]["img_s"],
+                        default=None)
         repeat = next((k for k in ok if k.endswith("#2")), None)
         pairs = {
-            "eager": (ok.get("fast-eager"), ok.get("ref-eager")),
-            "compiled": (ok.get("fast-compiled"), ok.get("ref-compiled")),
-            "best_vs_ref_compiled": (fast_best, ok.get("ref-compiled")),
-            "repeat_drift": (ok.get(repeat), ok.get(repeat.split("#")[0]) if repeat else None),
+            "eager": ("fast-eager", "ref-eager"),
+            "compiled": ("fast-compiled", "ref-compiled"),
+            "best_vs_ref_compiled": (fast_best, "ref-compiled"),
+            "repeat_drift": (repeat, repeat.split("#")[0] if repeat else None),
         }
-        out.append({"model": model, **{k: (a / b if a and b else None) for k, (a, b) in pairs.items()}})
+        row = {"model": model}
+        for pair, (a, b) in pairs.items():
+            if a not in ok or b not in ok:
+                row[pair] = row[f"{pair}_range"] = None
+                continue
+            row[pair] = ok[a]["img_s"] / ok[b]["img_s"]
+            ra, rb = step_range(ok[a]), step_range(ok[b])  # img/s ratio a/b = step time b / step time a
+            row[f"{pair}_range"] = [rb[0] / ra[1], rb[1] / ra[0]] if ra and rb else None
+        out.append(row)
     return out
+
+
+def ratio_table(ratio_rows: list[dict]) -> str:
+    """Markdown: each ratio with its range, `1.107 [1.106, 1.109]`; ranges that contain 1 are flagged."""
+    def cell(row: dict, pair: str) -> str | None:
+        value, rng = row[pair], row[f"{pair}_range"]
+        if value is None:
+            return None
+        if rng is None:
+            return f"{value:.3f}"
+        return f"{value:.3f} [{rng[0]:.3f}, {rng[1]:.3f}]" + (" (no difference)" if rng[0] <= 1 <= rng[1] else "")
+
+    table = [{"model": r["model"], **{p: cell(r, p) for p in PAIRS}} for r in ratio_rows]
+    return (common.markdown_table(table, ["model", *PAIRS])
+            + "\n[lo, hi]: the ratio at the two variants' opposite ends of their measured step times (p20 and p80 "
+              "of one pass; fastest and slowest round median with --rounds). A range that contains 1 is no "
+              "measured difference.\n")
 
 
 def step_breakdown(rows: list[dict]) -> str:
@@ -453,7 +494,7 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
         "effective_tflops = reference FLOPs/img x img/s; own_tflops = the model's own counted FLOPs/img x img/s.\n\n"
         + common.markdown_table(rows, COLUMNS)
         + "\nfastmae / reference images/s:\n\n"
-        + common.markdown_table(ratio_rows, ["model", "eager", "compiled", "best_vs_ref_compiled", "repeat_drift"])
+        + ratio_table(ratio_rows)
         + step_breakdown(rows)
     )
     (out / "e2e.md").write_text(text)

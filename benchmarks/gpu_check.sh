@@ -41,9 +41,9 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 
 # Order = what the next GPU session most needs to learn (2026-11-28: kernels and tests passed on an H100
 # already; the trainer never ran on a GPU; --precision bf16 became autocast over fp32 weights, the e2e
-# benchmark's numerics; the masked-only decoder tail is unmeasured; ViT-H's 0.966x is unexplained; the eager
-# step's fused add + LayerNorm and bias + GELU kernels have only run in the Triton interpreter), so later
-# stages may be cut by the budget.
+# benchmark's numerics; the masked-only decoder tail is unmeasured; ViT-H's 0.966x was within its steps'
+# spread; the eager step's fused add + LayerNorm and bias + GELU kernels have only run in the Triton
+# interpreter), so later stages may be cut by the budget.
 # 1. The CUDA extension builds on the CPUs (the e2e runs use its kernels) while the one Triton test that
 #    failed on the H100 (fp32 d(pred), bound since widened to 8 ulps) reruns on the GPU, with the fused residual
 #    add + LayerNorm's and bias + GELU's tests (2026-11-28: only run in the interpreter and compiled for sm_90).
@@ -114,8 +114,9 @@ if (( HAVE_DS )); then
   done
 fi
 
-# 5. ViT-H eager, both sides in 3 rounds with a profile (the single-pass 0.966x of 2026-11-27 is unexplained:
-#    the blocks are the same code on both sides, so the profile's non-block kernels should show the difference).
+# 5. ViT-H eager, both sides in 3 rounds with a profile (the single-pass 0.966x of 2026-11-27 is no measured
+#    difference: its range was [0.877, 1.291], both rows had slow steps; NOTES §6.1. Rounds and the profile say
+#    what H's ratio is; the blocks are the same code on both sides, so a gap would be in the non-block kernels).
 TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
 
 # 6. The remaining controls that split fastmae's gain (NOTES §6.2), and the fused norm and GELU kernels inside

@@ -107,6 +107,34 @@ def test_ratios_pair_the_right_variants():
     assert b["repeat_drift"] == pytest.approx(1.1) and b["best_vs_ref_compiled"] == 2.2
 
 
+def test_ratio_ranges_come_from_the_measured_step_times():
+    """Each ratio carries the range its two variants' step times allow: a single pass's p20-p80, the
+    round medians' min-max with --rounds; a range containing 1 is flagged as no measured difference."""
+    rows = [  # the committed H100 ViT-H eager pair (2026-11-27): median 0.966x, but wide step times
+        {"model": "H", "variant": "fast-eager", "status": "ok", "img_s": 64 / 0.09403,
+         "step_ms": 94.03, "step_ms_p20": 85.37, "step_ms_p80": 103.17},
+        {"model": "H", "variant": "ref-eager", "status": "ok", "img_s": 64 / 0.09080,
+         "step_ms": 90.80, "step_ms_p20": 90.51, "step_ms_p80": 110.21},
+        {"model": "B", "variant": "fast-compiled", "status": "ok", "img_s": 256 / 0.050, "step_ms": 50.0,
+         "round_ms": [49.0, 50.0, 51.0], "step_ms_p20": None, "step_ms_p80": None},
+        {"model": "B", "variant": "ref-compiled", "status": "ok", "img_s": 256 / 0.060, "step_ms": 60.0,
+         "round_ms": [60.0, 59.0, 62.0], "step_ms_p20": None, "step_ms_p80": None},
+        {"model": "B", "variant": "fast-eager", "status": "ok", "img_s": 256 / 0.07, "step_ms": 70.0},
+        {"model": "B", "variant": "ref-eager", "status": "ok", "img_s": 256 / 0.08, "step_ms": 80.0},
+    ]
+    h, b = e2e.ratios(rows)
+    assert h["eager"] == pytest.approx(90.80 / 94.03)
+    lo, hi = h["eager_range"]
+    assert lo == pytest.approx(90.51 / 103.17) and hi == pytest.approx(110.21 / 85.37)
+    assert lo < 1 < hi
+    assert b["compiled"] == pytest.approx(1.2) and b["compiled_range"] == pytest.approx([59 / 51, 62 / 49])
+    assert b["eager"] == pytest.approx(80 / 70) and b["eager_range"] is None  # no spread recorded: no range
+    assert b["best_vs_ref_compiled"] == pytest.approx(1.2) and b["best_vs_ref_compiled_range"][0] > 1
+    table = e2e.ratio_table([h, b])
+    assert "| H | 0.966 [0.877, 1.291] (no difference) |" in table
+    assert "| B | 1.143 | 1.200 [1.157, 1.265] | 1.200 [1.157, 1.265] | - |" in table
+
+
 @pytest.mark.parametrize("variant, reference, adamw, backend", [
     ("ref-compiled", True, "AdamW(foreach)", None),
     ("ref-compiled-fusedadamw", True, "AdamW(fused)", None),  # the control: only the optimizer differs
