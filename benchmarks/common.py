@@ -75,7 +75,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int, iters: int) -> dict[str, Any]:
-    """Runs `step` warmup times, then times `iters` calls; seconds per call (median, mean, p20, p80).
+    """Runs `step` warmup times, then times `iters` calls; seconds per call (median, mean, p20, p80, and every
+    call's in order as `times_s` from `started_unix_s`, so slow calls show where and when they fall).
 
     On CUDA each call is bracketed by events and the host synchronises once, after the loop, so the GPU
     queue never drains between steps (no .item() or synchronize inside the timed loop). On CPU each call
@@ -93,6 +94,7 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
     for _ in range(warmup - 1):
         step()
     synchronize(device)
+    started = time.time()  # wall clock, to set the calls against other logs (e.g. sampled GPU clocks)
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
         events[0].record()
@@ -107,7 +109,8 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    # inclusive: p20/p80 stay within the measured calls (the default, exclusive, extrapolates past them at small n)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {
         "median_s": statistics.median(times),
         "mean_s": statistics.fmean(times),
@@ -115,6 +118,8 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
         "p80_s": q[3],
         "first_call_s": first,
         "iters": iters,
+        "times_s": times,
+        "started_unix_s": started,
     }
 
 

@@ -271,6 +271,8 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             step_ms=timing["median_s"] * 1e3,
             step_ms_p20=timing["p20_s"] * 1e3,
             step_ms_p80=timing["p80_s"] * 1e3,
+            steps_ms=[[round(t * 1e3, 4) for t in timing["times_s"]]],
+            steps_started_unix_s=[timing["started_unix_s"]],
             first_step_s=timing["first_call_s"],
             img_s=imgs.shape[0] / timing["median_s"],
             peak_mem_gib=mem.peak_bytes / 2**30,
@@ -302,7 +304,8 @@ def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tenso
     """--rounds R: every variant is built and timed once (round 1, which also compiles), then timed R-1 more
     times in turn (A B C A B C ...), so clock or thermal drift during the run hits every variant alike instead
     of whichever ran last. img/s comes from the median of the round medians; `round_spread` = (max - min) /
-    median of the round medians (the p20/p80 columns are dropped: they would be round 1's alone). All variants
+    median of the round medians (the p20/p80 columns are dropped: they would be round 1's alone; `steps_ms`
+    keeps every timed step, one list per round, each started at its `steps_started_unix_s`). All variants
     stay in memory together (peak memory counts each one's own). `report(rows so far)` after every timing."""
     device = imgs.device
     live: list[tuple[dict, object, list[float]]] = []  # (row, step or None, round medians in ms)
@@ -330,7 +333,10 @@ def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tenso
             if step is None or row["status"] != "ok":
                 continue
             try:
-                medians.append(common.time_steps(step, device, warmup=1, iters=args.steps)["median_s"] * 1e3)
+                timing = common.time_steps(step, device, warmup=1, iters=args.steps)
+                medians.append(timing["median_s"] * 1e3)
+                row["steps_ms"].append([round(t * 1e3, 4) for t in timing["times_s"]])
+                row["steps_started_unix_s"].append(timing["started_unix_s"])
             except Exception as exc:  # noqa: BLE001
                 row["status"] = _failure(exc)
         summarise()
@@ -487,7 +493,8 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
     out.mkdir(parents=True, exist_ok=True)
     meta = {"matmul_peak_tflops": peak, "mask_ratio": args.mask_ratio, "steps": args.steps, "warmup": args.warmup}
     common.write_json({"environment": env, "settings": meta, "rows": rows, "ratios": ratio_rows}, out / "e2e.json")
-    common.write_csv([{k: v for k, v in r.items() if k != "profile"} for r in rows], out / "e2e.csv", env)
+    json_only = ("profile", "steps_ms", "steps_started_unix_s")  # nested: the JSON keeps them
+    common.write_csv([{k: v for k, v in r.items() if k not in json_only} for r in rows], out / "e2e.csv", env)
     text = (
         f"# e2e training step: {env['device']}\n\n{common.markdown_table([env], list(env))}\n"
         f"MFU denominator: {peak:,.1f} TFLOP/s ({'given' if args.peak_tflops else 'measured bf16 matmul'}). "

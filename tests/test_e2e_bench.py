@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ def test_e2e_cpu_tiny_writes_measured_results(tmp_path):
             assert row[field] > 0, (row["variant"], field, row[field])
         # img/s is what the timing says: batch / median step time
         assert row["img_s"] == pytest.approx(4 / (row["step_ms"] / 1e3), rel=1e-9)
+        (steps,) = row["steps_ms"]  # one pass: its timed steps, whose median and quantiles the row reports
+        assert len(steps) == 2 and statistics.median(steps) == pytest.approx(row["step_ms"], rel=1e-5)
+        assert min(steps) <= row["step_ms_p20"] <= row["step_ms"] <= row["step_ms_p80"] <= max(steps)
     ref, fast = rows[0], rows[1]
     # fastmae embeds only the visible 25% of patches: fewer own FLOPs, same reference FLOPs
     assert fast["own_gflop_per_img"] < ref["own_gflop_per_img"] == ref["ref_gflop_per_img"] == fast["ref_gflop_per_img"]
@@ -57,8 +61,6 @@ def test_e2e_cpu_tiny_writes_measured_results(tmp_path):
 
 def test_rounds_interleave_the_variants_and_report_the_spread(tmp_path):
     """--rounds 3: each variant timed in 3 turns; img/s is batch / the median of the round medians."""
-    import statistics
-
     assert e2e.main(["--device", "cpu", "--models", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
                      "--variants", "ref-eager,fast-eager", "--rounds", "3", "--profile", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
@@ -75,6 +77,11 @@ def test_rounds_interleave_the_variants_and_report_the_spread(tmp_path):
         median = statistics.median(row["round_ms"])
         assert row["img_s"] == pytest.approx(4 / (median / 1e3), rel=1e-9)
         assert row["round_spread"] == pytest.approx((max(row["round_ms"]) - min(row["round_ms"])) / median, rel=1e-9)
+        # every timed step is kept, one list per round, and each round's median is its entry in round_ms
+        assert [len(steps) for steps in row["steps_ms"]] == [2, 2, 2]
+        started = row["steps_started_unix_s"]  # wall clock of each round's timing, in order
+        assert len(started) == 3 and started == sorted(started) and started[0] > 1.7e9
+        assert [statistics.median(s) for s in row["steps_ms"]] == pytest.approx(row["round_ms"], rel=1e-5)
         assert row["own_tflops"] > 0 and row["mfu"] > 0
 
 
