@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import resource
@@ -226,6 +227,24 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path | str, env: dict[str, A
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def speedup_range(time_range: tuple[float, float] | None, base_range: tuple[float, float] | None):
+    """[lo, hi] of base time / time when each of the two was measured anywhere in its (low, high) range, e.g. its
+    steps' p20 and p80: the speed-up at the two measurements' opposite ends. None if either range is missing."""
+    if not time_range or not base_range:
+        return None
+    return [base_range[0] / time_range[1], base_range[1] / time_range[0]]
+
+
+def format_speedup(value: float | None, rng: list[float] | None, digits: int = 3) -> str | None:
+    """`1.107 [1.106, 1.109]`; a range that contains 1 is flagged `(no difference)`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if not rng or any(math.isnan(x) for x in rng):
+        return f"{value:.{digits}f}"
+    flag = " (no difference)" if rng[0] <= 1 <= rng[1] else ""
+    return f"{value:.{digits}f} [{rng[0]:.{digits}f}, {rng[1]:.{digits}f}]{flag}"
 
 
 def _cell(value: Any) -> str:

@@ -444,24 +444,16 @@ def ratios(rows: list[dict]) -> list[dict]:
             if a not in ok or b not in ok:
                 row[pair] = row[f"{pair}_range"] = None
                 continue
-            row[pair] = ok[a]["img_s"] / ok[b]["img_s"]
-            ra, rb = step_range(ok[a]), step_range(ok[b])  # img/s ratio a/b = step time b / step time a
-            row[f"{pair}_range"] = [rb[0] / ra[1], rb[1] / ra[0]] if ra and rb else None
+            row[pair] = ok[a]["img_s"] / ok[b]["img_s"]  # = step time of b / step time of a
+            row[f"{pair}_range"] = common.speedup_range(step_range(ok[a]), step_range(ok[b]))
         out.append(row)
     return out
 
 
 def ratio_table(ratio_rows: list[dict]) -> str:
     """Markdown: each ratio with its range, `1.107 [1.106, 1.109]`; ranges that contain 1 are flagged."""
-    def cell(row: dict, pair: str) -> str | None:
-        value, rng = row[pair], row[f"{pair}_range"]
-        if value is None:
-            return None
-        if rng is None:
-            return f"{value:.3f}"
-        return f"{value:.3f} [{rng[0]:.3f}, {rng[1]:.3f}]" + (" (no difference)" if rng[0] <= 1 <= rng[1] else "")
-
-    table = [{"model": r["model"], **{p: cell(r, p) for p in PAIRS}} for r in ratio_rows]
+    table = [{"model": r["model"], **{p: common.format_speedup(r[p], r[f"{p}_range"]) for p in PAIRS}}
+             for r in ratio_rows]
     return (common.markdown_table(table, ["model", *PAIRS])
             + "\n[lo, hi]: the ratio at the two variants' opposite ends of their measured step times (p20 and p80 "
               "of one pass; fastest and slowest round median with --rounds). A range that contains 1 is no "

@@ -4,15 +4,23 @@ import csv
 import math
 from pathlib import Path
 
+from benchmarks.common import format_speedup, speedup_range
+
 TARGET_SHAPE = "ViT-B/16"
 
 
 def _speedups(rows: list[dict]) -> None:
-    by_key = {(r["shape"], r["op"], r["mode"], r["impl"]): r["ms"] for r in rows}
+    """x_vs_compile / x_vs_eager: the baseline's median ms over the row's; `<col>_range` the same at the two
+    rows' opposite ends of their p20-p80 (a range that contains 1 is no measured difference)."""
+    by_key = {(r["shape"], r["op"], r["mode"], r["impl"]): r for r in rows}
     for r in rows:
         for base, col in (("torch.compile", "x_vs_compile"), ("torch eager", "x_vs_eager")):
             ref = by_key.get((r["shape"], r["op"], r["mode"], base))
-            r[col] = ref / r["ms"] if ref and r["ms"] and not math.isnan(ref) and not math.isnan(r["ms"]) else None
+            if ref and ref["ms"] and r["ms"] and not math.isnan(ref["ms"]) and not math.isnan(r["ms"]):
+                r[col] = ref["ms"] / r["ms"]
+                r[f"{col}_range"] = speedup_range((r["ms_p20"], r["ms_p80"]), (ref["ms_p20"], ref["ms_p80"]))
+            else:
+                r[col] = r[f"{col}_range"] = None
 
 
 def _fmt(value, spec: str) -> str:
@@ -41,7 +49,9 @@ def _markdown(rows: list[dict], env: dict, copy_gbs: float) -> str:
         f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
         f"{env['date_utc']} UTC; commit {env['commit']}", "",
         f"Measured copy bandwidth: {copy_gbs:.0f} GB/s. GB/s counts the bytes each op must move at minimum "
-        "(see benchmarks/kernels/cases.py); ms is the median (do_bench on CUDA).", "",
+        "(see benchmarks/kernels/cases.py); ms is the median (do_bench on CUDA). `x vs compile` / `x vs eager`: "
+        "the baseline's median over the row's, with [lo, hi] at the two rows' opposite ends of their p20-p80 "
+        "(a range that contains 1 is no measured difference).", "",
     ]
     if "SMOKE" in env["run_kind"]:
         head += ["> CPU smoke run: Triton runs in its interpreter. These numbers only show the benchmark works; "
@@ -64,7 +74,8 @@ def _markdown(rows: list[dict], env: dict, copy_gbs: float) -> str:
         table.append(
             f"| {r['shape']} | {r['op']} | {r['mode']} | {r['impl']} | {_fmt(r['ms'], '.3f')} "
             f"| {_fmt(r['GB/s'], '.0f')} | {_fmt(frac, '.0f')} | {_fmt(graph, '.3f')} | {_fmt(graph_frac, '.0f')} "
-            f"| {_fmt(r['x_vs_compile'], '.2f')} | {_fmt(r['x_vs_eager'], '.2f')} | {note} |"
+            f"| {format_speedup(r['x_vs_compile'], r['x_vs_compile_range'], 2) or ''} "
+            f"| {format_speedup(r['x_vs_eager'], r['x_vs_eager_range'], 2) or ''} | {note} |"
         )
     return "\n".join(head + table) + "\n"
 
