@@ -237,13 +237,13 @@ def speedup_range(time_range: tuple[float, float] | None, base_range: tuple[floa
     return [base_range[0] / time_range[1], base_range[1] / time_range[0]]
 
 
-def format_speedup(value: float | None, rng: list[float] | None, digits: int = 3) -> str | None:
-    """`1.107 [1.106, 1.109]`; a range that contains 1 is flagged `(no difference)`."""
+def format_speedup(value: float | None, rng: list[float] | None, digits: int = 3, ratio: bool = True) -> str | None:
+    """`1.107 [1.106, 1.109]`; for a ratio, a range that contains 1 is flagged `(no difference)`."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if not rng or any(math.isnan(x) for x in rng):
         return f"{value:.{digits}f}"
-    flag = " (no difference)" if rng[0] <= 1 <= rng[1] else ""
+    flag = " (no difference)" if ratio and rng[0] <= 1 <= rng[1] else ""
     return f"{value:.{digits}f} [{rng[0]:.{digits}f}, {rng[1]:.{digits}f}]{flag}"
 
 

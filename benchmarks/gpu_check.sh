@@ -39,11 +39,12 @@ stage() {  # stage NAME SECONDS CMD...: run with min(SECONDS, what the budget ha
 nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
 # The card's clocks, power and clock-event (throttle) reasons every 200 ms for the whole check, to set slow steps
 # against (the 2026-11-27 L and H rows had p80 15-40% above p20, cause unknown; e2e.json keeps every step's time
-# and when each timing pass started). Older drivers name the reasons field clocks_throttle_reasons.
+# and when each timing pass started; `python benchmarks/gpu_check_report.py gpu_check.tgz` sets them side by side
+# and reads every result against NOTES' predictions). Older drivers name the reasons field clocks_throttle_reasons.
 REASONS=clocks_event_reasons.active
 nvidia-smi --query-gpu=$REASONS --format=csv >/dev/null 2>&1 || REASONS=clocks_throttle_reasons.active
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$REASONS \
-  --format=csv -lms 200 >"$WORK/gpu_clocks.csv" 2>&1 &
+TZ=UTC nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$REASONS \
+  --format=csv -lms 200 >"$WORK/gpu_clocks.csv" 2>&1 &  # UTC: benchmarks/gpu_clocks.py reads it so
 SAMPLER=$!
 trap 'kill "$SAMPLER" 2>/dev/null' EXIT
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" | tee -a "$DEST/summary.log"

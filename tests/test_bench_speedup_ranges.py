@@ -23,6 +23,7 @@ def test_format_speedup_flags_a_range_that_contains_one():
     assert common.format_speedup(1.02, [0.97, 1.08], 2) == "1.02 [0.97, 1.08] (no difference)"
     assert common.format_speedup(0.9, None) == "0.900" and common.format_speedup(None, [1.0, 1.0]) is None
     assert common.format_speedup(float("nan"), None) is None
+    assert common.format_speedup(0.98, [0.97, 1.03], ratio=False) == "0.980 [0.970, 1.030]"  # e.g. milliseconds
 
 
 def test_kernel_report_speedups_carry_their_range():

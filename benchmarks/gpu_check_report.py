@@ -1,0 +1,272 @@
+"""Reads what `benchmarks/gpu_check.sh` brought back against the open predictions of benchmarks/NOTES.md
+(`benchmarks/predictions.py`) and prints one markdown report: each prediction with the measured ratio, its range
+and a verdict; the round spreads; the trainer runs; and which slow steps fell on clock drops.
+
+    python benchmarks/gpu_check_report.py path/to/gpu_check.tgz          # or the unpacked folder
+    python benchmarks/gpu_check_report.py path/to/gpu_check --out report.md
+
+It reads what it finds (any `e2e.json`, kernel CSV, trainer run folder, `gpu_clocks.csv`, `summary.log` below
+the path) and says "not measured" for the rest: a check cut short by its budget still gets a report.
+"""
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks.*`
+
+from benchmarks import gpu_clocks  # noqa: E402
+from benchmarks.common import format_speedup, markdown_table, speedup_range  # noqa: E402
+from benchmarks.e2e import step_range  # noqa: E402
+from benchmarks.predictions import PREDICTIONS, ROUND_SPREAD_MAX, Prediction  # noqa: E402
+
+SLOW = 1.10  # a step this much slower than its row's median counts as slow
+
+
+def verdict(value: float | None, rng: list[float] | None, lo: float, hi: float) -> str:
+    if value is None:
+        return "not measured"
+    if rng and lo <= rng[0] and rng[1] <= hi:
+        return "as predicted"
+    if lo <= value <= hi:
+        return "as predicted (median; its range is wider)" if rng else "as predicted (one value, no range)"
+    side = "above" if value > hi else "below"
+    if rng and rng[0] <= hi and rng[1] >= lo:
+        return f"{side} (its range overlaps the prediction)"
+    return f"{side}: missed"
+
+
+# --- what the check wrote ------------------------------------------------------------------------------------
+
+def e2e_runs(root: Path) -> dict[str, list[dict]]:
+    """{folder name: rows} for every e2e.json below root."""
+    return {p.parent.name: json.loads(p.read_text())["rows"] for p in sorted(root.rglob("e2e.json"))}
+
+
+def kernel_rows(root: Path) -> list[dict]:
+    rows = []
+    for path in sorted(root.rglob("kernels_*.csv")):
+        if "smoke" not in path.name:
+            with open(path, newline="") as f:
+                rows += list(csv.DictReader(f))
+    return rows
+
+
+def trainer_runs(root: Path) -> dict[str, dict]:
+    """{run name: {img_s, img_s_range, windows, summary}} for every folder with a train_steps.jsonl. Steady
+    images/s = median over the log windows after the first (compilation, warm-up) and after the profiled steps."""
+    runs = {}
+    for path in sorted(root.rglob("train_steps.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        summary_path = path.parent / "profile" / "trainer.summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        profiled_to = summary["after_warmup_steps"] + summary["steps"] if summary else 0
+        first = records[0]["step"] if records else 0
+        steady = [r["img_per_s"] for r in records
+                  if r["step"] > max(first, profiled_to) and not r.get("bad_step") and r.get("img_per_s")]
+        runs[path.parent.name] = {
+            "img_s": statistics.median(steady) if steady else None,
+            "img_s_range": (min(steady), max(steady)) if steady else None,
+            "windows": len(steady), "last_step": records[-1]["step"] if records else None,
+            "skipped_steps": records[-1].get("skipped_steps") if records else None, "summary": summary}
+    return runs
+
+
+# --- predictions ---------------------------------------------------------------------------------------------
+
+def _time_per_image_e2e(row: dict) -> tuple[float, tuple[float, float] | None]:
+    """ms per image (median) and its (low, high) from the row's step range."""
+    rng = step_range(row)
+    return row["step_ms"] / row["batch"], (rng[0] / row["batch"], rng[1] / row["batch"]) if rng else None
+
+
+def _time_per_image_trainer(run: dict) -> tuple[float, tuple[float, float] | None] | None:
+    if not run or not run["img_s"]:
+        return None
+    low, high = run["img_s_range"]
+    return 1e3 / run["img_s"], (1e3 / high, 1e3 / low)
+
+
+def _e2e_lines(p: Prediction, runs: dict[str, list[dict]]) -> list[dict]:
+    lines = []
+    for folder, rows in runs.items():
+        ok = {r["variant"]: r for r in rows if r["model"] == p.model and r["status"] == "ok"}
+        if p.a in ok and p.b in ok:
+            (ta, ra), (tb, rb) = _time_per_image_e2e(ok[p.a]), _time_per_image_e2e(ok[p.b])
+            lines.append({"where": folder, "value": tb / ta, "range": speedup_range(ra, rb)})
+    return lines
+
+
+def _kernel_lines(p: Prediction, rows: list[dict]) -> list[dict]:
+    op, impl, mode = p.a.split("/")
+    pick = {r["impl"]: r for r in rows if (r["shape"], r["op"], r["mode"]) == (p.model, op, mode)}
+    row = pick.get(impl)
+    if row is None or row.get("error"):
+        return []
+    if p.b == "graph_ms":
+        value = float(row.get("graph_ms") or "nan")
+        if value != value:  # NaN: not captured
+            return []
+        return [{"where": "kernels", "value": value,
+                 "range": [float(row["graph_ms_p20"]), float(row["graph_ms_p80"])]}]
+    base = pick.get(p.b)
+    if base is None or base.get("error"):
+        return []
+    value = float(base["ms"]) / float(row["ms"])
+    rng = speedup_range((float(row["ms_p20"]), float(row["ms_p80"])), (float(base["ms_p20"]), float(base["ms_p80"])))
+    return [{"where": "kernels", "value": value, "range": rng}]
+
+
+def _trainer_lines(p: Prediction, runs: dict[str, dict], e2e: dict[str, list[dict]]) -> list[dict]:
+    a = _time_per_image_trainer(runs.get(p.a))
+    if p.b.startswith("e2e:"):
+        folder, variant = p.b[4:].split("/")
+        row = next((r for r in e2e.get(folder, []) if r["variant"] == variant and r["status"] == "ok"), None)
+        b = _time_per_image_e2e(row) if row else None
+    else:
+        b = _time_per_image_trainer(runs.get(p.b))
+    if a is None or b is None:
+        return []
+    return [{"where": "trainer", "value": b[0] / a[0], "range": speedup_range(a[1], b[1])}]
+
+
+def prediction_table(e2e: dict, kernels: list[dict], trainer: dict) -> list[dict]:
+    table = []
+    for p in PREDICTIONS:
+        if p.kind == "e2e":
+            lines = _e2e_lines(p, e2e)
+        elif p.kind == "kernel":
+            lines = _kernel_lines(p, kernels)
+        elif p.kind == "trainer":
+            lines = _trainer_lines(p, trainer, e2e)
+        else:  # busy
+            summary = (trainer.get(p.a) or {}).get("summary")
+            lines = [{"where": "trainer", "value": summary["busy"], "range": None}] if summary else []
+        what = f"{p.a} / {p.b}" if p.kind != "busy" else f"{p.a} busy"
+        if p.b == "graph_ms":
+            what = f"{p.a} graph replay ms"
+        predicted = f"{p.lo:g}-{p.hi:g}" if p.hi != float("inf") else f">= {p.lo:g}"
+        base = {"NOTES": f"§{p.source}", "model": p.model, "what": what, "predicted": predicted}
+        for line in lines or [{"where": "-", "value": None, "range": None}]:
+            measured = format_speedup(line["value"], line["range"], ratio=p.b != "graph_ms")  # that one is ms
+            table.append({**base, "run": line["where"], "measured": measured,
+                          "verdict": verdict(line["value"], line["range"], p.lo, p.hi), "why": p.why})
+    return table
+
+
+# --- spreads, trainer, clocks --------------------------------------------------------------------------------
+
+def spread_table(e2e: dict[str, list[dict]]) -> list[dict]:
+    return [{"run": folder, "model": r["model"], "variant": r["variant"], "rounds": r.get("rounds"),
+             "round_spread": r["round_spread"], "ok": r["round_spread"] <= ROUND_SPREAD_MAX}
+            for folder, rows in e2e.items() for r in rows if r.get("round_spread") is not None]
+
+
+def trainer_table(runs: dict[str, dict]) -> list[dict]:
+    table = []
+    for name, run in runs.items():
+        s = run["summary"] or {}
+        low_high = run["img_s_range"]
+        table.append({"run": name, "last_step": run["last_step"], "steady img/s": run["img_s"],
+                      "window min-max": f"{low_high[0]:,.0f}-{low_high[1]:,.0f}" if low_high else None,
+                      "windows": run["windows"], "skipped steps": run["skipped_steps"], "busy": s.get("busy"),
+                      "wall ms/step (profiled)": s.get("wall_ms_per_step"),
+                      "host waits/step": s.get("host_waits_per_step")})
+    return table
+
+
+def slow_steps(e2e: dict[str, list[dict]], samples: list[gpu_clocks.Sample]) -> list[dict]:
+    """Per e2e row with per-step times: how many steps ran > SLOW x the row's median, and the SM clock and
+    clock-event reasons while they ran against while the other steps ran."""
+    table = []
+    for folder, rows in e2e.items():
+        for r in rows:
+            passes = list(zip(r.get("steps_started_unix_s") or [], r.get("steps_ms") or []))
+            every = [ms for _, steps in passes for ms in steps]
+            if not every:
+                continue
+            median = statistics.median(every)
+            slow_clocks, other_clocks, reasons, slow = [], [], 0, []
+            for start, steps in passes:
+                t = start
+                for ms in steps:
+                    window = gpu_clocks.during(samples, t, t + ms / 1e3)
+                    clocks = [s.sm_mhz for s in window if s.sm_mhz is not None]
+                    if ms > SLOW * median:
+                        slow.append(ms)
+                        slow_clocks += clocks
+                        for sample in window:  # idle included: a slow step on an idle card waited for the host
+                            reasons |= sample.reasons
+                    else:
+                        other_clocks += clocks
+                    t += ms / 1e3
+            table.append({"run": folder, "model": r["model"], "variant": r["variant"], "steps": len(every),
+                          "slow": len(slow), "median ms": median, "slowest ms": max(every),
+                          "SM MHz in slow (min)": min(slow_clocks) if slow_clocks else None,
+                          "SM MHz otherwise (median)": statistics.median(other_clocks) if other_clocks else None,
+                          "reasons in slow": gpu_clocks.describe(reasons) if slow and samples else None})
+    return table
+
+
+def report(root: Path) -> str:
+    e2e, kernels, trainer = e2e_runs(root), kernel_rows(root), trainer_runs(root)
+    clocks_path = next(root.rglob("gpu_clocks.csv"), None)
+    samples = gpu_clocks.read(clocks_path) if clocks_path else []
+    summary_log = next(root.rglob("summary.log"), None)
+    head = summary_log.read_text().splitlines()[0] if summary_log else "(no summary.log)"
+    parts = [f"# gpu_check report\n\n{head}\n",
+             "## Predictions (benchmarks/predictions.py; reasoning in benchmarks/NOTES.md)\n",
+             "Speed-up of a over b, measured in one run, with [lo, hi] at the two rows' opposite ends of their "
+             "measured times; a prediction is met when the whole range lies inside it.\n",
+             markdown_table(prediction_table(e2e, kernels, trainer),
+                            ["NOTES", "model", "what", "run", "predicted", "measured", "verdict", "why"])]
+    spreads = spread_table(e2e)
+    if spreads:
+        parts += [f"\n## Round spreads (NOTES §6.2 predicted <= {ROUND_SPREAD_MAX:.0%})\n", markdown_table(
+            spreads, list(spreads[0]))]
+    if trainer:
+        rows = trainer_table(trainer)
+        parts += ["\n## Trainer runs\n", markdown_table(rows, list(rows[0]))]
+    slow = slow_steps(e2e, samples)
+    if slow:
+        note = (f"{len(samples)} clock samples" if samples else "no gpu_clocks.csv: clocks unknown")
+        parts += [f"\n## Slow steps (> {SLOW:.2f}x the row's median) and the card's clocks ({note})\n",
+                  markdown_table(slow, list(slow[0]))]
+    if summary_log:
+        stages = [line for line in summary_log.read_text().splitlines() if " end " in line or " skip " in line]
+        parts += ["\n## Stages (summary.log)\n", "\n".join(f"    {line}" for line in stages) + "\n"]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="gpu_check.tgz or the folder it unpacks to (or any folder holding its files)")
+    p.add_argument("--out", default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    path = Path(args.path)
+    if not path.exists():
+        p.error(f"{path} does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.is_file():
+            with tarfile.open(path) as tar:
+                tar.extractall(tmp, filter="data")
+            root = Path(tmp)
+            summary = path.parent / "summary.log"  # gpu_check.sh writes it beside the tarball
+            if summary.is_file():
+                (root / "summary.log").write_text(summary.read_text())
+        else:
+            root = path
+        text = report(root)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The open predictions of benchmarks/NOTES.md as data, so a GPU run's results can be read against them by
+`benchmarks/gpu_check_report.py` instead of by hand. Each is written before its measurement; the NOTES
+section holds its reasoning. Ratios are speed-ups of `a` over `b` (images/s of a / images/s of b; for the
+kernel rows, b's ms / a's ms), measured in one run; [lo, hi] is the predicted interval.
+
+kind:
+- "e2e":     two variants of `benchmarks/e2e.py` in the same output folder, on model `model`;
+- "kernel":  a row of the kernel benchmark: `a` = "op/impl/mode" against the baseline impl `b` at shape `model`
+             ("ms" of a graph replay when b == "graph_ms": then [lo, hi] are milliseconds, not a ratio);
+- "trainer": two trainer runs of `gpu_check.sh` (steady images/s from their train_steps.jsonl), or a trainer
+             run against an e2e variant (`b` = "e2e:<folder>/<variant>");
+- "busy":    a trainer run's kernel time / wall time per step from its `--profile_steps` summary.
+"""
+
+from dataclasses import dataclass
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    source: str  # section of benchmarks/NOTES.md
+    kind: str
+    model: str
+    a: str
+    b: str
+    lo: float
+    hi: float
+    why: str  # one line; the reasoning is in the NOTES section
+
+
+PREDICTIONS = [
+    # §6.2: what splits fastmae's compiled gain (ViT-B b256)
+    Prediction("6.2", "e2e", "B", "ref-compiled-fusedadamw", "ref-compiled", 1.03, 1.05,
+               "the reference with the fused AdamW: the optimizer's 2.15 ms of 59.5"),
+    Prediction("6.2", "e2e", "B", "fast-compiled", "ref-compiled-fusedadamw", 1.05, 1.08,
+               "visible-only patch embedding (~3 ms) and the fused MAE ops (~0.5 ms)"),
+    Prediction("6.2", "e2e", "B", "fast-compiled-torchops", "fast-compiled", 0.98, 1.02,
+               "Inductor fuses the reference MAE ops as well as the CUDA kernels"),
+    Prediction("6.2", "e2e", "B", "fast-compiled-triton", "fast-compiled-torchops", 0.97, 1.00,
+               "below 0.99x, auto should prefer torch ops over Triton without the CUDA extension"),
+    Prediction("6.2", "e2e", "B", "fast-compiled", "fast-compiled-fullpred", 1.01, 1.025,
+               "masked_only: 1.5% fewer FLOPs in the decoder's last block"),
+    Prediction("6.2", "e2e", "B", "fast-compiled-flash", "fast-compiled", 0.95, 1.05,
+               "flash vs cuDNN attention on short sequences"),
+    Prediction("6.2", "e2e", "H", "fast-eager", "ref-eager", 0.98, 1.02,
+               "same blocks both sides; the single-pass 0.966x was within its steps' spread (§6.7)"),
+    # §6.5 / §6.6: the eager fused kernels, and the same kernels inside the compiled graph
+    Prediction("6.5", "e2e", "B", "fast-eager", "fast-eager-plainnorm", 1.06, 1.10,
+               "fused add + LayerNorm: 20.2 GB less traffic per step"),
+    Prediction("6.5", "e2e", "B", "fast-compiled-fusednorm", "fast-compiled", 0.97, 1.03,
+               "Inductor does the same fusion; >= 1.03x: auto should use the kernel under compile"),
+    Prediction("6.6", "e2e", "B", "fast-eager", "fast-eager-plaingelu", 1.01, 1.03,
+               "fused bias + GELU: 2.5 GB less traffic per step"),
+    Prediction("6.6", "e2e", "B", "fast-compiled-fusedgelu", "fast-compiled", 0.98, 1.02,
+               "Inductor does the same fusion; >= 1.03x: auto should use the kernel under compile"),
+    Prediction("6.5", "kernel", "ViT-B/16", "add_layer_norm/triton/fwd+bwd", "torch eager", 1.5, INF,
+               "~2x fewer bytes and ~6 fewer launches than torch's ops"),
+    Prediction("6.5", "kernel", "ViT-B/16", "add_layer_norm/triton/fwd+bwd", "torch.compile", 0.85, 1.15,
+               "torch.compile does the same fusion"),
+    Prediction("6.6", "kernel", "ViT-B/16", "bias_gelu/triton/fwd+bwd", "torch eager", 3.0, 5.0,
+               "5.6x fewer bytes than the fp32 reference's ops"),
+    Prediction("6.6", "kernel", "ViT-B/16", "bias_gelu/triton/fwd+bwd", "torch.compile", 0.85, 1.15,
+               "torch.compile does the same fusion"),
+    Prediction("6.2", "kernel", "ViT-B/16", "three_ops/triton/fwd+bwd", "graph_ms", 0.0, 0.6,
+               "ms in a CUDA-graph replay: most of the eager call's 2.5 ms is host overhead"),
+    # §6.3 / §6.4: the trainer on one GPU (ViT-B b256, bf16 autocast)
+    Prediction("6.4", "trainer", "B", "pretrain_B_compiled", "e2e:e2e_B/fast-compiled", 0.95, 1.05,
+               "the steady step no longer waits for the device (different runs: drift included)"),
+    Prediction("6.4", "busy", "B", "pretrain_B_compiled", "", 0.94, 1.0,
+               "within 3 points of e2e's 97%"),
+    Prediction("6.4", "trainer", "B", "pretrain_B_compiled_timer", "pretrain_B_compiled", 0.92, 0.98,
+               "DeepSpeed's throughput timer puts back 2 device waits per step"),
+    Prediction("6.3", "trainer", "B", "pretrain_B_z2_compiled_bf16-pure", "pretrain_B_z2_compiled_bf16", 1.03, 1.10,
+               "a bf16 residual stream: fewer LayerNorm, GELU and residual bytes"),
+]
+
+# §6.2: a variant's round medians should agree within this (max - min) / median
+ROUND_SPREAD_MAX = 0.03

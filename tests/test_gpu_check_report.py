@@ -1,0 +1,159 @@
+"""benchmarks/gpu_check_report.py reads a GPU check's files against the predictions of benchmarks/NOTES.md; tested
+here on the CPU with e2e's real output, hand-made trainer logs and a hand-made clock log."""
+
+import json
+import re
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import e2e, gpu_check_report, gpu_clocks  # noqa: E402
+from benchmarks.kernels.cases import SMOKE_SHAPES, make_cases, make_inputs  # noqa: E402
+from benchmarks.predictions import PREDICTIONS  # noqa: E402
+
+CLOCK_HEADER = ("timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], temperature.gpu, "
+                "utilization.gpu [%], clocks_event_reasons.active\n")
+
+
+def _clock_line(t: float, sm: int, reasons: int) -> str:
+    import datetime as dt
+
+    stamp = dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+    return f"{stamp}, {sm} MHz, 2619 MHz, 650.25 W, 61, 100 %, 0x{reasons:016x}\n"
+
+
+def test_predictions_name_what_the_check_measures():
+    """A typo in a prediction would leave it 'not measured' forever: every name must be one e2e, the kernel
+    benchmark or gpu_check.sh produces."""
+    script = (REPO / "benchmarks/gpu_check.sh").read_text()
+    kernel_ops = {c.op for c in make_cases(SMOKE_SHAPES[0], make_inputs(SMOKE_SHAPES[0], torch.device("cpu")))}
+    for p in PREDICTIONS:
+        if p.kind == "e2e":
+            assert p.model in e2e.MODELS and {p.a, p.b} <= set(e2e.VARIANTS), p
+        elif p.kind == "kernel":
+            op, impl, mode = p.a.split("/")
+            assert op in kernel_ops and impl in ("triton", "cuda") and mode in ("fwd", "fwd+bwd"), p
+            assert p.b in ("torch eager", "torch.compile", "graph_ms"), p
+        else:
+            runs = [p.a] + ([p.b] if p.b and not p.b.startswith("e2e:") else [])
+            for run in runs:  # trainer stages are named in the script (the bf16 pair through a loop variable)
+                assert run in script or run.rsplit("_", 1)[0] + "_$precision" in script, run
+            if p.b.startswith("e2e:"):
+                folder, variant = p.b[4:].split("/")
+                assert f'"$WORK/{folder}"' in script and variant in e2e.VARIANTS, p
+        assert p.lo < p.hi, p
+
+
+@pytest.mark.parametrize("value, rng, expected", [
+    (1.07, [1.065, 1.08], "as predicted"),
+    (1.07, [1.02, 1.12], "as predicted (median; its range is wider)"),
+    (1.12, [1.09, 1.15], "above (its range overlaps the prediction)"),
+    (1.00, [0.99, 1.01], "below: missed"),
+    (1.08, None, "as predicted (one value, no range)"),
+    (None, None, "not measured"),
+])
+def test_verdict(value, rng, expected):
+    assert gpu_check_report.verdict(value, rng, 1.06, 1.10) == expected
+
+
+def test_clock_log_is_read_with_units_and_reasons(tmp_path):
+    path = tmp_path / "gpu_clocks.csv"
+    path.write_text(CLOCK_HEADER + _clock_line(1.8e9, 1980, 0) + "Unable to determine the device handle\n"
+                    + _clock_line(1.8e9 + 0.2, 1410, 0x4 | 0x8))
+    first, second = gpu_clocks.read(path)
+    assert (first.t, first.sm_mhz, first.mem_mhz, first.power_w, first.temp_c, first.util_pct) == pytest.approx(
+        (1.8e9, 1980, 2619, 650.25, 61, 100))
+    assert second.sm_mhz == 1410 and gpu_clocks.describe(second.reasons) == "SW power cap + HW slowdown"
+    assert gpu_clocks.describe(0) == "none" and gpu_clocks.describe(0x4000) == "0x4000"
+    assert gpu_clocks.during([first, second], 1.8e9 + 0.25, 1.8e9 + 0.3, slack=0.0) == []
+    assert gpu_clocks.during([first, second], 1.8e9 + 0.25, 1.8e9 + 0.3) == [second]
+
+
+def test_slow_steps_are_set_against_the_clocks():
+    t0 = 1.8e9
+    row = {"model": "L", "variant": "ref-compiled", "steps_started_unix_s": [t0, t0 + 10],
+           "steps_ms": [[500.0, 500.0, 900.0, 500.0], [500.0, 500.0]]}
+    # the third step of the first pass (t0 + 1.0 .. 1.9 s) runs at 1410 MHz under a power cap; the rest at 1980
+    samples = [gpu_clocks.Sample(t0 + 0.1 * i, 1410 if 11 <= i <= 18 else 1980, 2619, 650, 60, 100,
+                                 0x4 if 11 <= i <= 18 else 0) for i in range(130)]
+    (line,) = gpu_check_report.slow_steps({"e2e_L": [row]}, samples)
+    assert (line["steps"], line["slow"], line["median ms"], line["slowest ms"]) == (6, 1, 500.0, 900.0)
+    assert line["SM MHz in slow (min)"] == 1410 and line["SM MHz otherwise (median)"] == 1980
+    assert line["reasons in slow"] == "SW power cap"
+
+
+def _trainer_run(folder: Path, img_s: list[float], busy: float | None = None) -> None:
+    folder.mkdir(parents=True)
+    lines = [{"step": 10 * (i + 1), "loss": 1.0, "img_per_s": v, "skipped_steps": 0, "bad_step": False}
+             for i, v in enumerate(img_s)]
+    (folder / "train_steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if busy is not None:
+        (folder / "profile").mkdir()
+        (folder / "profile/trainer.summary.json").write_text(json.dumps(
+            {"steps": 5, "after_warmup_steps": 5, "busy": busy, "wall_ms_per_step": 55.0, "host_waits_per_step": 0}))
+
+
+def test_report_reads_a_check_against_the_predictions(tmp_path):
+    root = tmp_path / "gpu_check"
+    # the eager A/B stage, from e2e itself (CPU, tiny model), its rows then labelled as ViT-B's
+    out = root / "e2e_B_eager_norm"
+    assert e2e.main(["--device", "cpu", "--models", "tiny", "--batch", "2", "--steps", "3", "--warmup", "1",
+                     "--variants", "fast-eager,fast-eager-plainnorm,fast-eager-plaingelu", "--rounds", "2",
+                     "--out", str(out)]) == 0
+    result = json.loads((out / "e2e.json").read_text())
+    for row in result["rows"]:
+        row["model"] = "B"
+    (out / "e2e.json").write_text(json.dumps(result))
+    # the trainer: compile + profile in the first window (dropped), steady 4,700-4,800 img/s after it
+    _trainer_run(root / "pretrain_B_compiled", [900.0, 4700.0, 4800.0, 4750.0], busy=0.955)
+    _trainer_run(root / "pretrain_B_compiled_timer", [900.0, 4400.0, 4420.0, 4410.0])
+    # e2e's compiled row the trainer is read against (another run), and kernel rows (written as the benchmark does)
+    (root / "e2e_B").mkdir()
+    (root / "e2e_B/e2e.json").write_text(json.dumps({"rows": [
+        {"model": "B", "variant": "fast-compiled", "status": "ok", "batch": 256, "img_s": 256 / 0.054,
+         "step_ms": 54.0, "step_ms_p20": 53.9, "step_ms_p80": 54.2}]}))
+    (root / "kernels").mkdir()
+    kernel_csv = "shape,op,mode,impl,ms,ms_p20,ms_p80,graph_ms,graph_ms_p20,graph_ms_p80,error\n" + "".join(
+        f"ViT-B/16,add_layer_norm,fwd+bwd,{impl},{ms},{ms * 0.99},{ms * 1.01},{graph},{graph},{graph},\n"
+        for impl, ms, graph in (("torch eager", 1.2, ""), ("torch.compile", 0.5, ""), ("triton", 0.65, 0.45)))
+    kernel_csv += "ViT-B/16,three_ops,fwd+bwd,triton,2.5,2.4,2.6,0.98,0.97,1.03,\n"
+    (root / "kernels/kernels_NVIDIA_H200.csv").write_text(kernel_csv)
+    (root / "summary.log").write_text("python 3.12 torch 2.11 gpu NVIDIA H200\n[00:01 +5s] end triton_tests rc=0\n")
+    tgz = tmp_path / "gpu_check.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(root, arcname="gpu_check")
+
+    assert gpu_check_report.main([str(tgz), "--out", str(tmp_path / "report.md")]) == 0
+    text = (tmp_path / "report.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith("§"):
+            rows.setdefault(cells[2], []).append(cells)
+    # the eager A/Bs were measured (CPU numbers: any verdict but "not measured") in the folder they ran in
+    for what in ("fast-eager / fast-eager-plainnorm", "fast-eager / fast-eager-plaingelu"):
+        (cells,) = rows[what]
+        assert cells[3] == "e2e_B_eager_norm" and cells[6] != "not measured"
+        assert re.fullmatch(r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]( \(no difference\))?", cells[5]), cells
+    # trainer: the timer run at 4,410 of 4,750 img/s = 0.928x; range 4,400 / 4,800 to 4,420 / 4,700
+    (cells,) = rows["pretrain_B_compiled_timer / pretrain_B_compiled"]
+    assert cells[5] == "0.928 [0.917, 0.940]" and cells[6] == "as predicted (median; its range is wider)"  # 0.92-0.98
+    (cells,) = rows["pretrain_B_compiled busy"]
+    assert cells[5] == "0.955" and cells[6] == "as predicted (one value, no range)"
+    (cells,) = rows["pretrain_B_compiled / e2e:e2e_B/fast-compiled"]  # 4,750 img/s against 256 / 54 ms
+    assert cells[5].startswith("1.002 [") and cells[6] == "as predicted"
+    (cells,) = rows["add_layer_norm/triton/fwd+bwd / torch eager"]  # 1.2 / 0.65 ms, each +-1%
+    assert cells[5] == "1.846 [1.810, 1.883]" and cells[6] == "as predicted"
+    (cells,) = rows["add_layer_norm/triton/fwd+bwd / torch.compile"]
+    assert cells[5] == "0.769 [0.754, 0.785]" and cells[6] == "below: missed"
+    (cells,) = rows["three_ops/triton/fwd+bwd graph replay ms"]  # milliseconds, predicted <= 0.6
+    assert cells[5] == "0.980 [0.970, 1.030]" and cells[6] == "above: missed"  # ms: no "no difference" flag
+    assert rows["ref-compiled-fusedadamw / ref-compiled"][0][6] == "not measured"
+    assert "## Round spreads" in text and "## Trainer runs" in text and "end triton_tests rc=0" in text
+    assert "no gpu_clocks.csv: clocks unknown" in text  # per-step times were there, the clock log was not
