@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks import gpu_clocks  # noqa: E402
 from benchmarks.common import format_speedup, markdown_table, speedup_range  # noqa: E402
 from benchmarks.e2e import step_range  # noqa: E402
-from benchmarks.predictions import PREDICTIONS, ROUND_SPREAD_MAX, Prediction  # noqa: E402
+from benchmarks.predictions import PREDICTED_FOR, PREDICTIONS, ROUND_SPREAD_MAX, Prediction  # noqa: E402
 
 SLOW = 1.10  # a step this much slower than its row's median counts as slow
 
@@ -219,7 +219,10 @@ def report(root: Path) -> str:
     samples = gpu_clocks.read(clocks_path) if clocks_path else []
     summary_log = next(root.rglob("summary.log"), None)
     head = summary_log.read_text().splitlines()[0] if summary_log else "(no summary.log)"
-    parts = [f"# gpu_check report\n\n{head}\n",
+    card_note = "" if PREDICTED_FOR in head else (
+        f"\nThe predictions were written for an {PREDICTED_FOR}; this card is not one (benchmarks/predictions.py "
+        "says how an H200 should differ).\n")
+    parts = [f"# gpu_check report\n\n{head}\n{card_note}",
              "## Predictions (benchmarks/predictions.py; reasoning in benchmarks/NOTES.md)\n",
              "Speed-up of a over b, measured in one run, with [lo, hi] at the two rows' opposite ends of their "
              "measured times; a prediction is met when the whole range lies inside it.\n",

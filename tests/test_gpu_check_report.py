@@ -157,3 +157,4 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert rows["ref-compiled-fusedadamw / ref-compiled"][0][6] == "not measured"
     assert "## Round spreads" in text and "## Trainer runs" in text and "end triton_tests rc=0" in text
     assert "no gpu_clocks.csv: clocks unknown" in text  # per-step times were there, the clock log was not
+    assert "were written for an H100 80GB HBM3; this card is not one" in text  # the summary names an H200
