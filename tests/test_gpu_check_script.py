@@ -1,0 +1,45 @@
+"""The trainer runs that benchmarks/gpu_check.sh makes on a lent GPU must be accepted by the trainer's own
+argument checks: a rejected flag would cost a stage of scarce device time. Each command line is taken from the
+script as written and resolved as on a one-GPU CUDA machine."""
+
+import re
+import shlex
+from pathlib import Path
+
+from fastmae.train.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trainer_commands(script: str) -> list[list[str]]:
+    text = script.replace("\\\n", " ")
+    base = shlex.split(re.search(r"PRETRAIN=\((.*?)\)", text, re.S).group(1))
+    base = base[base.index("fastmae/pretrain.py") + 1:]  # what follows torchrun's own flags and the script
+    commands = []
+    for line in text.splitlines():
+        if '"${PRETRAIN[@]}"' in line and not line.lstrip().startswith("#"):
+            commands.append(base + line.split('"${PRETRAIN[@]}"', 1)[1].split())
+    return commands
+
+
+def test_every_trainer_stage_resolves_as_on_one_gpu(tmp_path):
+    script = (REPO / "benchmarks/gpu_check.sh").read_text()
+    ds_file = tmp_path / "ds_with_timer.json"
+    ds_file.write_text(re.search(r"printf '(.*?)' >\"\$WORK/ds_with_timer.json\"", script).group(1))
+    loop = re.search(r"for precision in ([^;]+);", script).group(1).split()
+    commands = _trainer_commands(script)
+    assert len(commands) == 4 and loop == ["bf16", "bf16-pure"]  # the parse found the stages
+    resolved = []
+    for words in commands:
+        for precision in loop if '"$precision"' in words else [None]:
+            argv = [w.strip('"') for w in words]
+            argv = [precision if w == "$precision" else str(ds_file) if w.endswith("ds_with_timer.json") else w
+                    for w in argv]
+            argv = [str(tmp_path / Path(w).name.replace("$precision", precision or "")) if w.startswith("/tmp/")
+                    else w for w in argv]
+            resolved.append(parse_config(argv, device_type="cuda", world_size=1))
+    stages = [(c.zero_stage, c.precision, c.compile, c.max_steps, c.profile_steps) for c in resolved]
+    assert stages == [(2, "bf16", False, 30, 0), (0, "bf16", True, 60, 5), (0, "bf16", True, 40, 5),
+                      (2, "bf16", True, 40, 0), (2, "bf16-pure", True, 40, 0)]
+    assert all(c.model == "mae_vit_base_patch16_dec512d8b" and c.batch_size * c.accum_iter == 256 for c in resolved)
+    assert all(c.ds_config.get("timers") for c in resolved[2:3])  # the timer run reads its DeepSpeed file
