@@ -1,14 +1,16 @@
-"""The trainer runs that benchmarks/gpu_check.sh makes on a lent GPU must be accepted by the trainer's own
-argument checks: a rejected flag would cost a stage of scarce device time. Each command line is taken from the
-script as written and resolved as on a one-GPU CUDA machine."""
+"""What benchmarks/gpu_check.sh runs on a lent GPU must exist and be accepted as written: a rejected flag or a
+missing test file would cost a stage of scarce device time. The trainer's command lines are taken from the script
+and resolved through the trainer's own checks as on a one-GPU CUDA machine."""
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from fastmae.train.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for benchmarks.*
 
 
 def _trainer_commands(script: str) -> list[list[str]]:
@@ -43,3 +45,13 @@ def test_every_trainer_stage_resolves_as_on_one_gpu(tmp_path):
                       (2, "bf16", True, 40, 0), (2, "bf16-pure", True, 40, 0)]
     assert all(c.model == "mae_vit_base_patch16_dec512d8b" and c.batch_size * c.accum_iter == 256 for c in resolved)
     assert all(c.ds_config.get("timers") for c in resolved[2:3])  # the timer run reads its DeepSpeed file
+
+
+def test_the_test_files_and_kernel_shapes_it_names_exist():
+    from benchmarks.kernels.cases import GPU_SHAPES
+
+    script = (REPO / "benchmarks/gpu_check.sh").read_text()
+    named = set(re.findall(r"tests/[\w/]+\.py", script))
+    assert len(named) >= 6 and all((REPO / path).is_file() for path in named), sorted(named)
+    shapes = re.findall(r"benchmarks\.kernels\.run --shapes (\S+)", script)
+    assert shapes and set(",".join(shapes).split(",")) <= {s.name for s in GPU_SHAPES}, shapes
