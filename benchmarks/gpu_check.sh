@@ -6,8 +6,9 @@
 # Every stage runs under a limit cut to what is left of GPU_CHECK_BUDGET_S (default 570 s; run it with the
 # device tool's timeout_s=600, and carry [".whl"] after `bash scripts/gpu_wheels.sh` for the trainer stage),
 # so one slow stage cannot eat the lease. The benchmarks rewrite their
-# outputs after every measurement, so a stage cut short keeps what it measured. Output: summary.log and
-# one small tarball (logs, CSV/JSON/MD/PNG, profiler tables; the device tool returns at most 8 files).
+# outputs after every measurement, so a stage cut short keeps what it measured. Output: summary.log, one small
+# tarball (logs, CSV/JSON/MD/PNG, profiler tables, clock log; the device tool returns at most 8 files) and
+# report.md (benchmarks/gpu_check_report.py: every result against the predictions of benchmarks/NOTES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET="${GPU_CHECK_BUDGET_S:-570}"
@@ -144,3 +145,6 @@ stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.
 kill "$SAMPLER" 2>/dev/null
 pack
 log "done: $DEST/gpu_check.tgz"
+# the results against NOTES' predictions (also runnable afterwards on any machine: the report reads the tarball)
+timeout 30 python benchmarks/gpu_check_report.py "$DEST/gpu_check.tgz" --out "$DEST/report.md" >/dev/null 2>&1 \
+  || log "report failed: run benchmarks/gpu_check_report.py on the tarball"
