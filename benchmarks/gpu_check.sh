@@ -143,6 +143,9 @@ stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.
   tests/test_host_waits.py
 
 kill "$SAMPLER" 2>/dev/null
+# What Inductor left to eager kernels in every graph compiled above (its cache's wrappers, read in seconds): the
+# 2026-11-27 compiled step ran 84 aten::sum kernels per step that a fully lowered graph would not (NOTES §6.7).
+timeout 30 python benchmarks/inductor_fallbacks.py --out "$WORK/inductor_fallbacks.txt" >/dev/null 2>&1
 pack
 log "done: $DEST/gpu_check.tgz"
 # the results against NOTES' predictions (also runnable afterwards on any machine: the report reads the tarball)

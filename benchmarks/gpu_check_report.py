@@ -240,6 +240,11 @@ def report(root: Path) -> str:
         note = (f"{len(samples)} clock samples" if samples else "no gpu_clocks.csv: clocks unknown")
         parts += [f"\n## Slow steps (> {SLOW:.2f}x the row's median) and the card's clocks ({note})\n",
                   markdown_table(slow, list(slow[0]))]
+    fallbacks = next(root.rglob("inductor_fallbacks.txt"), None)
+    if fallbacks:
+        head_lines = fallbacks.read_text().split("\nper graph", 1)[0].rstrip()
+        parts += ["\n## What Inductor left to eager kernels (benchmarks/inductor_fallbacks.py)\n",
+                  "\n".join(f"    {line}" for line in head_lines.splitlines()) + "\n"]
     if summary_log:
         stages = [line for line in summary_log.read_text().splitlines() if " end " in line or " skip " in line]
         parts += ["\n## Stages (summary.log)\n", "\n".join(f"    {line}" for line in stages) + "\n"]

@@ -124,6 +124,8 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
         for impl, ms, graph in (("torch eager", 1.2, ""), ("torch.compile", 0.5, ""), ("triton", 0.65, 0.45)))
     kernel_csv += "ViT-B/16,three_ops,fwd+bwd,triton,2.5,2.4,2.6,0.98,0.97,1.03,\n"
     (root / "kernels/kernels_NVIDIA_H200.csv").write_text(kernel_csv)
+    (root / "inductor_fallbacks.txt").write_text("2 compiled graphs: 10 generated kernel calls, 4 library calls, "
+                                                 "1 aten fallbacks\n\nper graph (...):\n  c1.py: 5 / 2 / 1\n")
     (root / "summary.log").write_text("python 3.12 torch 2.11 gpu NVIDIA H200\n[00:01 +5s] end triton_tests rc=0\n")
     tgz = tmp_path / "gpu_check.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
@@ -156,5 +158,6 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert cells[5] == "0.980 [0.970, 1.030]" and cells[6] == "above: missed"  # ms: no "no difference" flag
     assert rows["ref-compiled-fusedadamw / ref-compiled"][0][6] == "not measured"
     assert "## Round spreads" in text and "## Trainer runs" in text and "end triton_tests rc=0" in text
+    assert "    2 compiled graphs: 10 generated kernel calls" in text and "c1.py" not in text  # totals only
     assert "no gpu_clocks.csv: clocks unknown" in text  # per-step times were there, the clock log was not
     assert "were written for an H100 80GB HBM3; this card is not one" in text  # the summary names an H200

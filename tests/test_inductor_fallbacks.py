@@ -1,0 +1,60 @@
+"""benchmarks/inductor_fallbacks.py reads Inductor's generated wrappers: its own kernels, library calls and the
+aten ops it left unlowered. Checked on a CPU compile whose graph has one of each."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import inductor_fallbacks  # noqa: E402
+
+PROGRAM = textwrap.dedent("""
+    import torch
+
+    def f(a, b):
+        h = torch.relu(a @ b) * 2.0           # a library GEMM and a generated kernel
+        return torch.sort(h, dim=1).values    # sort: Inductor calls aten's on the CPU
+
+    torch.compile(f)(torch.randn(8, 16), torch.randn(16, 32))
+""")
+
+
+@pytest.mark.slow
+def test_scan_counts_kernels_library_calls_and_fallbacks(tmp_path):
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    subprocess.run([sys.executable, "-c", PROGRAM], env=env, check=True, timeout=300, capture_output=True)
+    (graph,) = inductor_fallbacks.scan(cache)
+    assert sum(graph["kernels"].values()) >= 1 and all(k.startswith("cpp_") for k in graph["kernels"])
+    assert graph["library"] == {"extern_kernels.mm": 1}
+    assert graph["fallbacks"] == {"aten.sort.stable": 1} or graph["fallbacks"] == {"aten.sort.default": 1}
+    text = inductor_fallbacks.report([graph])
+    assert text.startswith("1 compiled graphs: ") and "extern_kernels.mm" in text and "aten.sort" in text
+
+
+def test_files_that_are_not_wrappers_are_skipped(tmp_path):
+    (tmp_path / "kernel.py").write_text("import triton\n@triton.jit\ndef triton_poi_0(x): pass\n")
+    (tmp_path / "wrapper.py").write_text(textwrap.dedent("""
+        class Runner:
+            def call(self, args):
+                # Topologically Sorted Source Nodes: [s], Original ATen: [aten.sum]
+                triton_poi_fused_add_0.run(buf0, stream=stream0)
+                buf1 = torch.ops.inductor._alloc_from_pool(pool0, 0, torch.float32, (4,), (1,))
+                aten.sum.dim_IntList(buf0, [0], out=buf1)
+                extern_kernels.mm(buf0, buf2, out=buf3)
+                return (buf1,)
+
+        def get_args():
+            return aten.empty(4)
+    """))
+    (graph,) = inductor_fallbacks.scan(tmp_path)
+    assert graph["kernels"] == {"triton_poi_fused_add_0": 1}
+    assert graph["library"] == {"extern_kernels.mm": 1}
+    assert graph["fallbacks"] == {"aten.sum.dim_IntList": 1}  # get_args' aten.empty is not in call()
+    assert graph["sources"]["aten.sum.dim_IntList"].startswith("after kernel triton_poi_fused_add_0; ")
