@@ -218,8 +218,7 @@ def count_step(spec: Variant, name: str, state: dict, imgs: torch.Tensor, args) 
         two = common.saved_tensor_bytes(lambda: forward(torch.cat([imgs, imgs])), exclude=model.parameters())
         per_img = (two - one) / imgs.shape[0]
         saved = {"saved_act_mib_per_img": per_img / 2**20, "saved_fixed_mib": (one - per_img * imgs.shape[0]) / 2**20}
-    del model
-    return count, saved
+    return count, saved  # the model goes with this frame (the closure holds it only until then)
 
 
 def flop_breakdown(count: common.FlopCount, batch: int) -> dict:
