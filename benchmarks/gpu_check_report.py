@@ -144,16 +144,18 @@ def prediction_table(e2e: dict, kernels: list[dict], trainer: dict) -> list[dict
             lines = _kernel_lines(p, kernels)
         elif p.kind == "trainer":
             lines = _trainer_lines(p, trainer, e2e)
-        else:  # busy
+        else:  # busy, waits: one number from the run's profile summary
             summary = (trainer.get(p.a) or {}).get("summary")
-            lines = [{"where": "trainer", "value": summary["busy"], "range": None}] if summary else []
-        what = f"{p.a} / {p.b}" if p.kind != "busy" else f"{p.a} busy"
+            key = {"busy": "busy", "waits": "host_waits_per_step"}[p.kind]
+            lines = [{"where": "trainer", "value": summary[key], "range": None}] if summary else []
+        what = f"{p.a} / {p.b}" if p.kind not in ("busy", "waits") else f"{p.a} {p.kind}"
         if p.b == "graph_ms":
             what = f"{p.a} graph replay ms"
-        predicted = f"{p.lo:g}-{p.hi:g}" if p.hi != float("inf") else f">= {p.lo:g}"
+        predicted = f">= {p.lo:g}" if p.hi == float("inf") else f"{p.lo:g}" if p.lo == p.hi else f"{p.lo:g}-{p.hi:g}"
         base = {"NOTES": f"§{p.source}", "model": p.model, "what": what, "predicted": predicted}
         for line in lines or [{"where": "-", "value": None, "range": None}]:
-            measured = format_speedup(line["value"], line["range"], ratio=p.b != "graph_ms")  # that one is ms
+            measured = format_speedup(line["value"], line["range"], ratio=p.kind in ("e2e", "kernel", "trainer")
+                                      and p.b != "graph_ms")  # the others are ms, fractions or counts
             table.append({**base, "run": line["where"], "measured": measured,
                           "verdict": verdict(line["value"], line["range"], p.lo, p.hi), "why": p.why})
     return table

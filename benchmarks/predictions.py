@@ -9,7 +9,9 @@ kind:
              ("ms" of a graph replay when b == "graph_ms": then [lo, hi] are milliseconds, not a ratio);
 - "trainer": two trainer runs of `gpu_check.sh` (steady images/s from their train_steps.jsonl), or a trainer
              run against an e2e variant (`b` = "e2e:<folder>/<variant>");
-- "busy":    a trainer run's kernel time / wall time per step from its `--profile_steps` summary.
+- "busy":    a trainer run's kernel time / wall time per step from its `--profile_steps` summary;
+- "waits":   the same summary's host waits for the device per profiled step (explicit synchronize() calls and,
+             on CUDA, synchronizing tensor ops: fastmae/train/host_waits.py).
 """
 
 from dataclasses import dataclass
@@ -74,6 +76,10 @@ PREDICTIONS = [
                "the steady step no longer waits for the device (different runs: drift included)"),
     Prediction("6.4", "busy", "B", "pretrain_B_compiled", "", 0.94, 1.0,
                "within 3 points of e2e's 97%"),
+    Prediction("6.4", "waits", "B", "pretrain_B_compiled", "", 0.0, 0.0,
+               "the steady step reads nothing back from the device on ZeRO-0 (0 per step on the CPU too)"),
+    Prediction("6.4", "waits", "B", "pretrain_B_compiled_timer", "", 2.0, 2.0,
+               "DeepSpeed's throughput timer: 2 synchronize() per step (counted on the CPU)"),
     Prediction("6.4", "trainer", "B", "pretrain_B_compiled_timer", "pretrain_B_compiled", 0.92, 0.98,
                "DeepSpeed's throughput timer puts back 2 device waits per step"),
     Prediction("6.3", "trainer", "B", "pretrain_B_z2_compiled_bf16-pure", "pretrain_B_z2_compiled_bf16", 1.03, 1.10,
