@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils import flop_counter
 
+from fastmae.profiling import ALLOCATOR_EVENTS, allocator_events
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,7 +79,8 @@ def synchronize(device: torch.device) -> None:
 
 def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int, iters: int) -> dict[str, Any]:
     """Runs `step` warmup times, then times `iters` calls; seconds per call (median, mean, p20, p80, and every
-    call's in order as `times_s` from `started_unix_s`, so slow calls show where and when they fall).
+    call's in order as `times_s` from `started_unix_s`, so slow calls show where and when they fall), and on
+    CUDA the caching allocator's events during the timed calls (`allocator_events`).
 
     On CUDA each call is bracketed by events and the host synchronises once, after the loop, so the GPU
     queue never drains between steps (no .item() or synchronize inside the timed loop). On CPU each call
@@ -96,6 +99,7 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
         step()
     synchronize(device)
     started = time.time()  # wall clock, to set the calls against other logs (e.g. sampled GPU clocks)
+    events_before = allocator_events(device)
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
         events[0].record()
@@ -110,6 +114,7 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+    events_after = allocator_events(device)
     # inclusive: p20/p80 stay within the measured calls (the default, exclusive, extrapolates past them at small n)
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {
@@ -121,6 +126,9 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
         "iters": iters,
         "times_s": times,
         "started_unix_s": started,
+        # what the timed calls made the allocator do (None off CUDA)
+        "allocator_events": ({k: events_after[k] - events_before[k] for k in ALLOCATOR_EVENTS}
+                             if events_before is not None else None),
     }
 
 

@@ -87,7 +87,8 @@ GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "step_ms_p20", "step_ms_p80",
            "effective_tflops", "mfu", "own_tflops", "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib",
-           "first_step_s", "final_loss", "adamw", "kernels", "norms", "gelus", "rounds", "round_spread"]
+           "first_step_s", "final_loss", "adamw", "kernels", "norms", "gelus", "rounds", "round_spread",
+           "alloc_events"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -272,11 +273,13 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             step_ms_p80=timing["p80_s"] * 1e3,
             steps_ms=[[round(t * 1e3, 4) for t in timing["times_s"]]],
             steps_started_unix_s=[timing["started_unix_s"]],
+            alloc_events=None,
             first_step_s=timing["first_call_s"],
             img_s=imgs.shape[0] / timing["median_s"],
             peak_mem_gib=mem.peak_bytes / 2**30,
             peak_mem_kind=mem.kind,
         )
+        add_allocator_events(row, timing["allocator_events"])
         if keep:
             return row, step  # the step's closure holds the model and optimizer
         if args.profile:
@@ -289,6 +292,18 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
         return row, None
     free(device)
     return row
+
+
+def add_allocator_events(row: dict, events: dict[str, int] | None) -> None:
+    """Sums one timing pass's CUDA allocator events into the row: `allocator_events` by kind (JSON) and
+    `alloc_events` in all (driver allocations/frees, cache-flush retries, device-wide syncs inside the timed
+    steps; a steady step should have 0). Nothing off CUDA."""
+    if events is None:
+        return
+    total = row.setdefault("allocator_events", dict.fromkeys(events, 0))
+    for key, count in events.items():
+        total[key] += count
+    row["alloc_events"] = sum(total.values())
 
 
 def _failure(exc: Exception) -> str:
@@ -336,6 +351,7 @@ def run_interleaved(labels: list[str], name: str, state: dict, imgs: torch.Tenso
                 medians.append(timing["median_s"] * 1e3)
                 row["steps_ms"].append([round(t * 1e3, 4) for t in timing["times_s"]])
                 row["steps_started_unix_s"].append(timing["started_unix_s"])
+                add_allocator_events(row, timing["allocator_events"])
             except Exception as exc:  # noqa: BLE001
                 row["status"] = _failure(exc)
         summarise()
@@ -484,7 +500,7 @@ def write_outputs(out: Path, env: dict, args, rows: list[dict], ratio_rows: list
     out.mkdir(parents=True, exist_ok=True)
     meta = {"matmul_peak_tflops": peak, "mask_ratio": args.mask_ratio, "steps": args.steps, "warmup": args.warmup}
     common.write_json({"environment": env, "settings": meta, "rows": rows, "ratios": ratio_rows}, out / "e2e.json")
-    json_only = ("profile", "steps_ms", "steps_started_unix_s")  # nested: the JSON keeps them
+    json_only = ("profile", "steps_ms", "steps_started_unix_s", "allocator_events")  # nested: the JSON has them
     common.write_csv([{k: v for k, v in r.items() if k not in json_only} for r in rows], out / "e2e.csv", env)
     text = (
         f"# e2e training step: {env['device']}\n\n{common.markdown_table([env], list(env))}\n"

@@ -178,13 +178,16 @@ def trainer_table(runs: dict[str, dict]) -> list[dict]:
                       "window min-max": f"{low_high[0]:,.0f}-{low_high[1]:,.0f}" if low_high else None,
                       "windows": run["windows"], "skipped steps": run["skipped_steps"], "busy": s.get("busy"),
                       "wall ms/step (profiled)": s.get("wall_ms_per_step"),
-                      "host waits/step": s.get("host_waits_per_step")})
+                      "host waits/step": s.get("host_waits_per_step"),
+                      "allocator events (profiled)": sum(s["allocator_events"].values())
+                      if s.get("allocator_events") else s.get("allocator_events")})
     return table
 
 
 def slow_steps(e2e: dict[str, list[dict]], samples: list[gpu_clocks.Sample]) -> list[dict]:
-    """Per e2e row with per-step times: how many steps ran > SLOW x the row's median, and the SM clock and
-    clock-event reasons while they ran against while the other steps ran."""
+    """Per e2e row with per-step times: how many steps ran > SLOW x the row's median, the SM clock and
+    clock-event reasons while they ran against while the other steps ran, and the CUDA allocator's events in
+    the timed steps (the other suspect: a cudaFree inside a step waits for the device)."""
     table = []
     for folder, rows in e2e.items():
         for r in rows:
@@ -211,7 +214,8 @@ def slow_steps(e2e: dict[str, list[dict]], samples: list[gpu_clocks.Sample]) -> 
                           "slow": len(slow), "median ms": median, "slowest ms": max(every),
                           "SM MHz in slow (min)": min(slow_clocks) if slow_clocks else None,
                           "SM MHz otherwise (median)": statistics.median(other_clocks) if other_clocks else None,
-                          "reasons in slow": gpu_clocks.describe(reasons) if slow and samples else None})
+                          "reasons in slow": gpu_clocks.describe(reasons) if slow and samples else None,
+                          "allocator events": r.get("alloc_events")})  # cudaMalloc/Free etc. in the timed steps
     return table
 
 

@@ -98,6 +98,21 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
     return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3, "annotation_spans_ms": spans}
 
 
+# The CUDA caching allocator's event counters (torch.cuda.memory_stats): driver allocations and frees (a cudaFree
+# waits for the device), cache flushes after a failed allocation, and its synchronize-all-streams calls.
+ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def allocator_events(device: torch.device | str) -> dict[str, int] | None:
+    """The allocator's event counters on a CUDA device (None elsewhere). A steady training step should add none:
+    each is a driver call or a device-wide wait inside the step."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {key: int(stats.get(key, 0)) for key in ALLOCATOR_EVENTS}
+
+
 class WrittenBytes(TorchDispatchMode):
     """`with WrittenBytes() as w:` counts, per aten op name, its calls (`w.calls`), the bytes of its
     outputs (`w.bytes`) and of its tensor inputs (`w.read`: what a kernel that reads each input once moves;

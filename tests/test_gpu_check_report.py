@@ -77,7 +77,7 @@ def test_clock_log_is_read_with_units_and_reasons(tmp_path):
 
 def test_slow_steps_are_set_against_the_clocks():
     t0 = 1.8e9
-    row = {"model": "L", "variant": "ref-compiled", "steps_started_unix_s": [t0, t0 + 10],
+    row = {"model": "L", "variant": "ref-compiled", "steps_started_unix_s": [t0, t0 + 10], "alloc_events": 4,
            "steps_ms": [[500.0, 500.0, 900.0, 500.0], [500.0, 500.0]]}
     # the third step of the first pass (t0 + 1.0 .. 1.9 s) runs at 1410 MHz under a power cap; the rest at 1980
     samples = [gpu_clocks.Sample(t0 + 0.1 * i, 1410 if 11 <= i <= 18 else 1980, 2619, 650, 60, 100,
@@ -85,7 +85,7 @@ def test_slow_steps_are_set_against_the_clocks():
     (line,) = gpu_check_report.slow_steps({"e2e_L": [row]}, samples)
     assert (line["steps"], line["slow"], line["median ms"], line["slowest ms"]) == (6, 1, 500.0, 900.0)
     assert line["SM MHz in slow (min)"] == 1410 and line["SM MHz otherwise (median)"] == 1980
-    assert line["reasons in slow"] == "SW power cap"
+    assert line["reasons in slow"] == "SW power cap" and line["allocator events"] == 4
 
 
 def _trainer_run(folder: Path, img_s: list[float], busy: float | None = None) -> None:
@@ -96,7 +96,8 @@ def _trainer_run(folder: Path, img_s: list[float], busy: float | None = None) ->
     if busy is not None:
         (folder / "profile").mkdir()
         (folder / "profile/trainer.summary.json").write_text(json.dumps(
-            {"steps": 5, "after_warmup_steps": 5, "busy": busy, "wall_ms_per_step": 55.0, "host_waits_per_step": 0}))
+            {"steps": 5, "after_warmup_steps": 5, "busy": busy, "wall_ms_per_step": 55.0, "host_waits_per_step": 0,
+             "allocator_events": {"num_device_alloc": 2, "num_device_free": 1}}))
 
 
 def test_report_reads_a_check_against_the_predictions(tmp_path):
@@ -161,6 +162,8 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert cells[5] == "0.980 [0.970, 1.030]" and cells[6] == "above: missed"  # ms: no "no difference" flag
     assert rows["ref-compiled-fusedadamw / ref-compiled"][0][6] == "not measured"
     assert "## Round spreads" in text and "## Trainer runs" in text and "end triton_tests rc=0" in text
+    trainer_row = next(line for line in text.splitlines() if line.startswith("| pretrain_B_compiled |"))
+    assert trainer_row.rstrip().endswith("| 0 | 3 |")  # host waits per step, allocator events in the window
     assert "    2 compiled graphs: 10 generated kernel calls" in text and "c1.py" not in text  # totals only
     assert "no gpu_clocks.csv: clocks unknown" in text  # per-step times were there, the clock log was not
     assert "were written for an H100 80GB HBM3; this card is not one" in text  # the summary names an H200

@@ -29,6 +29,7 @@ def test_profile_steps_writes_a_measured_summary(tmp_path):
     assert "aten::" in (prof / "trainer.top.txt").read_text()
     assert summary["host_waits_per_step"] == 0 and summary["host_wait_sites"] == {}  # nothing synchronizes
     assert "synchronize() calls only" in summary["host_waits_counted"]
+    assert summary["allocator_events"] is None  # CUDA's caching allocator: nothing to count on a CPU
 
 
 def test_profile_names_the_host_waits_a_deepspeed_setting_adds(tmp_path):
@@ -44,3 +45,21 @@ def test_profile_names_the_host_waits_a_deepspeed_setting_adds(tmp_path):
     summary = json.loads((out / "profile" / "trainer.summary.json").read_text())
     assert summary["host_waits_per_step"] == 2, summary["host_wait_sites"]
     assert all(site.startswith("synchronize deepspeed/utils/timer.py:") for site in summary["host_wait_sites"])
+
+
+def test_summary_counts_the_allocator_events_inside_the_window(tmp_path, monkeypatch):
+    """On CUDA the summary says what torch's caching allocator did during the profiled steps (driver
+    allocations and frees, cache-flush retries): the counters at the window's end minus those at its start."""
+    import torch
+
+    from fastmae import profiling
+    from fastmae.train.step_profiler import StepProfiler
+
+    reads = iter([{"num_device_alloc": 10, "num_device_free": 2}, {"num_device_alloc": 13, "num_device_free": 2}])
+    monkeypatch.setattr(profiling, "allocator_events", lambda device: next(reads))
+    profiler = StepProfiler(2, torch.device("cpu"), str(tmp_path), enabled=True)
+    for _ in range(WARMUP_STEPS + 2):
+        torch.ones(64, 64) @ torch.ones(64, 64)  # something for the profiler to see
+        profiler.step_done()
+    summary = json.loads((tmp_path / "profile" / "trainer.summary.json").read_text())
+    assert summary["allocator_events"] == {"num_device_alloc": 3, "num_device_free": 0}

@@ -3,9 +3,10 @@ trainer's own overheads (DeepSpeed's step, the guard's all-reduce, data, logging
 
 Rank 0 writes output_dir/profile/: trainer.top.txt (top ops), trainer.categories.json and
 trainer.kernels.json (fastmae.profiling's kernel kinds) and trainer.summary.json: wall ms per step,
-kernel ms per step and busy = kernel / wall, and the host's waits for the device per step by call site
-(fastmae/train/host_waits.py). On a GPU, busy well below the e2e benchmark's (97% for ViT-B on an H100)
-says the device waits for the host between kernels; on a CPU "kernel" is aten self time.
+kernel ms per step and busy = kernel / wall, the host's waits for the device per step by call site
+(fastmae/train/host_waits.py) and, on CUDA, the caching allocator's events in the window (`allocator_events`).
+On a GPU, busy well below the e2e benchmark's (97% for ViT-B on an H100) says the device waits for the host
+between kernels; on a CPU "kernel" is aten self time.
 """
 
 import json
@@ -28,6 +29,7 @@ class StepProfiler:
         self._waits: HostWaitCounter | None = None
         self._t0 = 0.0
         self._done = 0  # optimizer steps of this process (a resumed run counts from its own start)
+        self._alloc0 = self._alloc1 = None  # profiling.allocator_events at the window's start and end
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -45,11 +47,13 @@ class StepProfiler:
             self._prof.start()
             self._waits = HostWaitCounter(self.device)
             self._waits.start()
+            self._alloc0 = profiling.allocator_events(self.device)
             self._t0 = time.perf_counter()
         elif step == WARMUP_STEPS + self.steps and self._prof is not None:
             self._waits.stop()  # before the profiler's own synchronize below
             self._sync()
             wall = time.perf_counter() - self._t0
+            self._alloc1 = profiling.allocator_events(self.device)
             self._prof.stop()
             self.write(wall)
             self._prof = None
@@ -63,6 +67,10 @@ class StepProfiler:
                    "kernel_kind": "CUDA kernels" if self.device.type == "cuda" else "aten self CPU time",
                    "shares": result["shares"], "annotation_spans_ms": result["annotation_spans_ms"],
                    "host_waits_per_step": sum(self._waits.sites.values()) / self.steps,
+                   # cudaMalloc/Free calls, cache-flush retries and device-wide syncs of torch's allocator in the
+                   # window (None off CUDA): a steady step should have none
+                   "allocator_events": ({k: self._alloc1[k] - self._alloc0[k] for k in self._alloc0}
+                                        if self._alloc0 is not None else None),
                    "host_wait_sites": dict(self._waits.sites.most_common()), "host_waits_counted": self._waits.counted}
         with open(os.path.join(self.out_dir, "trainer.summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
