@@ -136,6 +136,11 @@ TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager -
 TAIL=18 stage e2e_B_controls 270 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B_controls" \
   --variants fast-compiled,ref-compiled-fusedadamw,fast-compiled-flash,fast-compiled-fusednorm,fast-compiled-fusedgelu
 
+# What Inductor left to eager kernels in every graph compiled so far (its cache's wrappers, read in seconds, before
+# the stages the budget may cut): the 2026-11-27 compiled step ran 84 aten::sum kernels per step (NOTES §6.7).
+timeout 20 python benchmarks/inductor_fallbacks.py --out "$WORK/inductor_fallbacks.txt" >/dev/null 2>&1
+pack
+
 # 7. If time is left: the kernels at ViT-B shapes (eager calls and CUDA-graph replays), then the CUDA kernel
 #    tests (passed on the H100 on 2026-11-27; the kernels have not changed since).
 stage kernels_B 130 python -m benchmarks.kernels.run --shapes ViT-B/16 --out "$WORK/kernels"
@@ -143,11 +148,8 @@ stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.
   tests/test_host_waits.py
 
 kill "$SAMPLER" 2>/dev/null
-# What Inductor left to eager kernels in every graph compiled above (its cache's wrappers, read in seconds): the
-# 2026-11-27 compiled step ran 84 aten::sum kernels per step that a fully lowered graph would not (NOTES §6.7).
-timeout 30 python benchmarks/inductor_fallbacks.py --out "$WORK/inductor_fallbacks.txt" >/dev/null 2>&1
 pack
 log "done: $DEST/gpu_check.tgz"
 # the results against NOTES' predictions (also runnable afterwards on any machine: the report reads the tarball)
-timeout 30 python benchmarks/gpu_check_report.py "$DEST/gpu_check.tgz" --out "$DEST/report.md" >/dev/null 2>&1 \
+timeout 20 python benchmarks/gpu_check_report.py "$DEST/gpu_check.tgz" --out "$DEST/report.md" >/dev/null 2>&1 \
   || log "report failed: run benchmarks/gpu_check_report.py on the tarball"
