@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils import flop_counter
 
-from fastmae.profiling import ALLOCATOR_EVENTS, allocator_events
+from fastmae.profiling import allocator_events, allocator_events_since
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    events_after = allocator_events(device)
+    events = allocator_events_since(events_before, device)
     # inclusive: p20/p80 stay within the measured calls (the default, exclusive, extrapolates past them at small n)
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {
@@ -126,9 +126,7 @@ def time_steps(step: Callable[[], Any], device: torch.device | str, warmup: int,
         "iters": iters,
         "times_s": times,
         "started_unix_s": started,
-        # what the timed calls made the allocator do (None off CUDA)
-        "allocator_events": ({k: events_after[k] - events_before[k] for k in ALLOCATOR_EVENTS}
-                             if events_before is not None else None),
+        "allocator_events": events,  # what the timed calls made the allocator do (None off CUDA)
     }
 
 

@@ -113,6 +113,14 @@ def allocator_events(device: torch.device | str) -> dict[str, int] | None:
     return {key: int(stats.get(key, 0)) for key in ALLOCATOR_EVENTS}
 
 
+def allocator_events_since(before: dict[str, int] | None, device: torch.device | str) -> dict[str, int] | None:
+    """What the allocator did since `before` (an allocator_events reading on the same device); None off CUDA."""
+    if before is None:
+        return None
+    now = allocator_events(device)
+    return {key: now[key] - count for key, count in before.items()}
+
+
 class WrittenBytes(TorchDispatchMode):
     """`with WrittenBytes() as w:` counts, per aten op name, its calls (`w.calls`), the bytes of its
     outputs (`w.bytes`) and of its tensor inputs (`w.read`: what a kernel that reads each input once moves;

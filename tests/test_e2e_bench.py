@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastmae_kernels as fk
+from fastmae import profiling
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -89,16 +90,16 @@ def test_rounds_interleave_the_variants_and_report_the_spread(tmp_path):
 def test_allocator_events_are_counted_per_timing_pass(monkeypatch):
     """On CUDA each timing pass records what the caching allocator did inside the timed steps (a steady step
     should do nothing: a cudaFree waits for the device); the row sums the passes. Off CUDA: nothing."""
-    assert common.allocator_events("cpu") is None
+    assert profiling.allocator_events("cpu") is None and profiling.allocator_events_since(None, "cpu") is None
     assert common.time_steps(lambda: None, "cpu", warmup=1, iters=2)["allocator_events"] is None
     counters = iter([{"num_device_alloc": 3, "num_device_free": 1, "num_alloc_retries": 0, "other": 9},
                      {"num_device_alloc": 5, "num_device_free": 1, "num_alloc_retries": 1, "num_sync_all_streams": 2}])
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: next(counters))
-    before, after = common.allocator_events("cuda"), common.allocator_events("cuda")
-    assert set(before) == set(common.ALLOCATOR_EVENTS) and before["num_sync_all_streams"] == 0  # missing: 0
+    before = profiling.allocator_events("cuda")
+    assert set(before) == set(profiling.ALLOCATOR_EVENTS) and before["num_sync_all_streams"] == 0  # missing: 0
     row = {}
-    e2e.add_allocator_events(row, {k: after[k] - before[k] for k in common.ALLOCATOR_EVENTS})
-    e2e.add_allocator_events(row, {k: 1 for k in common.ALLOCATOR_EVENTS})
+    e2e.add_allocator_events(row, profiling.allocator_events_since(before, "cuda"))
+    e2e.add_allocator_events(row, {k: 1 for k in profiling.ALLOCATOR_EVENTS})
     assert row["allocator_events"] == {"num_device_alloc": 3, "num_device_free": 1, "num_alloc_retries": 2,
                                        "num_sync_all_streams": 3}
     assert row["alloc_events"] == 9

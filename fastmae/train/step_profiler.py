@@ -29,7 +29,7 @@ class StepProfiler:
         self._waits: HostWaitCounter | None = None
         self._t0 = 0.0
         self._done = 0  # optimizer steps of this process (a resumed run counts from its own start)
-        self._alloc0 = self._alloc1 = None  # profiling.allocator_events at the window's start and end
+        self._alloc0 = self._alloc_delta = None  # allocator_events at the window's start; what it did in it
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -53,7 +53,7 @@ class StepProfiler:
             self._waits.stop()  # before the profiler's own synchronize below
             self._sync()
             wall = time.perf_counter() - self._t0
-            self._alloc1 = profiling.allocator_events(self.device)
+            self._alloc_delta = profiling.allocator_events_since(self._alloc0, self.device)
             self._prof.stop()
             self.write(wall)
             self._prof = None
@@ -69,8 +69,7 @@ class StepProfiler:
                    "host_waits_per_step": sum(self._waits.sites.values()) / self.steps,
                    # cudaMalloc/Free calls, cache-flush retries and device-wide syncs of torch's allocator in the
                    # window (None off CUDA): a steady step should have none
-                   "allocator_events": ({k: self._alloc1[k] - self._alloc0[k] for k in self._alloc0}
-                                        if self._alloc0 is not None else None),
+                   "allocator_events": self._alloc_delta,
                    "host_wait_sites": dict(self._waits.sites.most_common()), "host_waits_counted": self._waits.counted}
         with open(os.path.join(self.out_dir, "trainer.summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
