@@ -219,6 +219,21 @@ def slow_steps(e2e: dict[str, list[dict]], samples: list[gpu_clocks.Sample]) -> 
     return table
 
 
+def sum_callers(root: Path, op: str = "aten::sum") -> str:
+    """The `op` block of every profile's <tag>.callers.txt (fastmae.profiling.op_callers), indented, by file."""
+    blocks = []
+    for path in sorted(root.rglob("*.callers.txt")):
+        lines, inside = [], False
+        for line in path.read_text().splitlines():
+            if not line.startswith(" "):
+                inside = line.startswith(f"{op}: ")
+            if inside:
+                lines.append(line)
+        if lines:
+            blocks.append(f"    {path.relative_to(root)}\n" + "\n".join(f"    {line}" for line in lines))
+    return "\n".join(blocks) + "\n" if blocks else ""
+
+
 def report(root: Path) -> str:
     e2e, kernels, trainer = e2e_runs(root), kernel_rows(root), trainer_runs(root)
     clocks_path = next(root.rglob("gpu_clocks.csv"), None)
@@ -251,6 +266,10 @@ def report(root: Path) -> str:
         head_lines = fallbacks.read_text().split("\nper graph", 1)[0].rstrip()
         parts += ["\n## What Inductor left to eager kernels (benchmarks/inductor_fallbacks.py)\n",
                   "\n".join(f"    {line}" for line in head_lines.splitlines()) + "\n"]
+    callers = sum_callers(root)
+    if callers:
+        parts += ["\n## Who called aten::sum (profiles' .callers.txt; NOTES §6.8: 84 per compiled ViT-B step on "
+                  "2026-11-27, none in Inductor's own code)\n", callers]
     if summary_log:
         stages = [line for line in summary_log.read_text().splitlines() if " end " in line or " skip " in line]
         parts += ["\n## Stages (summary.log)\n", "\n".join(f"    {line}" for line in stages) + "\n"]

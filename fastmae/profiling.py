@@ -95,7 +95,40 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
     top = {k: [[name, round(t / steps, 1)] for name, t in sorted(v, key=lambda kv: -kv[1])[:8]]
            for k, v in kernels.items()}
     (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
+    (out_dir / f"{tag}.callers.txt").write_text(format_callers(op_callers(prof.events()), steps))
     return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3, "annotation_spans_ms": spans}
+
+
+# Ops whose callers `op_callers` records: the reductions and copies that a compiled step should have folded into
+# its own kernels (the H100 profile of 2026-11-27 had 84 `aten::sum` per compiled step; NOTES §6.7-6.8).
+CALLER_OPS = ("aten::sum", "aten::copy_", "aten::to", "aten::_to_copy", "aten::fill_", "aten::zero_")
+
+
+def op_callers(events, ops: tuple[str, ...] = CALLER_OPS, depth: int = 4) -> dict[str, Counter]:
+    """For each op in `ops`, how many of its calls sat under each chain of enclosing ops and ranges (innermost
+    `depth` of them, outermost first): e.g. "autograd::engine::evaluate_function: AddmmBackward0 >
+    AddmmBackward0 > aten::sum" (an eager backward) against "## Call CompiledFxGraph ... ##" or
+    "CompiledFunctionBackward" (a compiled graph's own call). `events` is a finished profiler's `.events()`."""
+    chains: dict[str, Counter] = defaultdict(Counter)
+    for event in events:
+        if event.name not in ops:
+            continue
+        names, parent = [], event.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        nested = [n for n in names if n not in ops]  # aten::to inside aten::to: keep the caller, not the nesting
+        chains[event.name][" > ".join(reversed(nested[:depth])) or "(top level)"] += 1
+    return chains
+
+
+def format_callers(chains: dict[str, Counter], steps: int) -> str:
+    """`op_callers` as text: per op, its calls per step under each chain of callers, most first."""
+    lines = [f"# calls per profiled step ({steps} steps) of each op, by the ops and ranges around it (outermost first)"]
+    for op in sorted(chains, key=lambda o: -sum(chains[o].values())):
+        lines.append(f"{op}: {sum(chains[op].values()) / steps:g} per step")
+        lines += [f"  {n / steps:8g}  {chain}" for chain, n in chains[op].most_common(12)]
+    return "\n".join(lines) + "\n"
 
 
 # The CUDA caching allocator's event counters (torch.cuda.memory_stats): driver allocations and frees (a cudaFree

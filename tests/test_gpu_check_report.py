@@ -128,6 +128,10 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     (root / "inductor_fallbacks.txt").write_text("2 compiled graphs: 10 generated kernel calls, 4 library calls, "
                                                  "1 aten fallbacks\n\nper graph (...):\n  c1.py: 5 / 2 / 1\n")
     (root / "summary.log").write_text("python 3.12 torch 2.11 gpu NVIDIA H200\n[00:01 +5s] end triton_tests rc=0\n")
+    (root / "e2e_B/profiles").mkdir()
+    (root / "e2e_B/profiles/B-ref-compiled.callers.txt").write_text(
+        "# calls per profiled step (3 steps) ...\naten::copy_: 6 per step\n         6  x > aten::addmm\n"
+        "aten::sum: 84 per step\n        84  CompiledFunctionBackward > aten::foo\n")
     tgz = tmp_path / "gpu_check.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
         tar.add(root, arcname="gpu_check")
@@ -165,5 +169,7 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     trainer_row = next(line for line in text.splitlines() if line.startswith("| pretrain_B_compiled |"))
     assert trainer_row.rstrip().endswith("| 0 | 3 |")  # host waits per step, allocator events in the window
     assert "    2 compiled graphs: 10 generated kernel calls" in text and "c1.py" not in text  # totals only
+    assert "    aten::sum: 84 per step\n            84  CompiledFunctionBackward > aten::foo" in text
+    assert "aten::copy_" not in text  # only the sums' block
     assert "no gpu_clocks.csv: clocks unknown" in text  # per-step times were there, the clock log was not
     assert "were written for an H100 80GB HBM3; this card is not one" in text  # the summary names an H200

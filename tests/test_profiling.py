@@ -58,3 +58,53 @@ def test_every_fastmae_kernel_has_a_category():
 def test_fused_kernels_count_with_the_work_they_replace(name, kind):
     assert name in _triton_kernel_names() or not name.startswith("_")
     assert category(name) == kind
+
+
+def _profiled_events(step, steps: int = 2):
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up (compiles)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.events()
+
+
+def _linear_step(model):
+    import torch
+
+    x = torch.randn(16, 8)
+
+    def step():
+        model(x).square().mean().backward()
+
+    return step
+
+
+def test_op_callers_name_the_eager_backward_that_called_a_sum():
+    import torch
+
+    from fastmae.profiling import format_callers, op_callers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+    chains = op_callers(_profiled_events(_linear_step(model)))
+    # eager: each Linear's bias gradient is an aten::sum under its AddmmBackward node (2 per step, 2 steps)
+    bias_sums = sum(n for chain, n in chains["aten::sum"].items() if "AddmmBackward0" in chain)
+    assert bias_sums == 4, chains["aten::sum"]
+    text = format_callers(chains, steps=2)
+    assert any(line.startswith("aten::sum: ") for line in text.splitlines()) and "AddmmBackward0" in text
+
+
+@pytest.mark.slow
+def test_op_callers_find_no_eager_bias_sum_in_a_compiled_step():
+    import torch
+
+    from fastmae.profiling import op_callers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+    model.compile()
+    chains = op_callers(_profiled_events(_linear_step(model)))
+    # Inductor writes the bias sums into its own kernels: no aten::sum under an eager AddmmBackward0
+    assert not any("AddmmBackward0" in chain for chain in chains.get("aten::sum", {})), chains
