@@ -155,10 +155,15 @@ class SdpaBackend(torch.nn.Module):
             return self.inner(*args, **kwargs)
 
 
-def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
+def create_variant_model(spec: Variant, name: str, backend: str):
+    """The model of one variant, on the CPU with its initial weights, neither compiled nor moved."""
     kwargs = {} if spec.reference else {"backend": spec.backend or backend, "norm_backend": spec.norm_backend or "auto",
                                         "gelu_backend": spec.gelu_backend or "auto"}
-    model = create_model(name, reference=spec.reference, **kwargs)
+    return create_model(name, reference=spec.reference, **kwargs)
+
+
+def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr: float, backend: str):
+    model = create_variant_model(spec, name, backend)
     if state is not None:  # None in --count-only: counts do not depend on the weights, and it saves memory
         model.load_state_dict(state, strict=True)  # the same initial weights on every side
     model.to(device).train()

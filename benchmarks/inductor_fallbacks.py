@@ -33,7 +33,7 @@ def scan_file(path: Path) -> dict | None:
     end = next((i for i in range(start + 1, len(lines))
                 if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
     body = "\n".join(lines[start + 1:end])
-    kernels, library, fallbacks, sources = Counter(), Counter(), Counter(), {}
+    kernels, library, fallbacks, custom, sources = Counter(), Counter(), Counter(), Counter(), {}
     # a fallback often has no source comment of its own: keep the last comment and the last kernel seen before it
     last_source, last_kernel = "", ""
     for line in body.splitlines():
@@ -52,10 +52,13 @@ def scan_file(path: Path) -> dict | None:
             short = name.removeprefix("torch.ops.")
             if name.startswith("extern_kernels.") or "_attention" in name or "_efficient" in name:
                 library[short] += 1
+            elif short.split(".")[0] not in ("aten", "prims"):
+                custom[short] += 1  # a registered custom op (fastmae's kernels): opaque to Inductor by design
             else:
                 fallbacks[short] += 1
                 sources.setdefault(short, f"after kernel {last_kernel or '-'}; last source comment [{last_source}]")
-    return {"file": path.name, "kernels": kernels, "library": library, "fallbacks": fallbacks, "sources": sources}
+    return {"file": path.name, "kernels": kernels, "library": library, "fallbacks": fallbacks, "custom": custom,
+            "sources": sources}
 
 
 def scan(root: Path) -> list[dict]:
@@ -66,17 +69,22 @@ def report(results: list[dict]) -> str:
     total_k = sum((r["kernels"] for r in results), Counter())
     total_l = sum((r["library"] for r in results), Counter())
     total_f = sum((r["fallbacks"] for r in results), Counter())
+    total_c = sum((r.get("custom", Counter()) for r in results), Counter())
     lines = [f"{len(results)} compiled graphs: {sum(total_k.values())} generated kernel calls, "
-             f"{sum(total_l.values())} library calls, {sum(total_f.values())} aten fallbacks", "",
+             f"{sum(total_l.values())} library calls, {sum(total_f.values())} aten fallbacks, "
+             f"{sum(total_c.values())} custom op calls", "",
              "library calls:"]
     lines += [f"  {n:5d}  {name}" for name, n in total_l.most_common()]
+    if total_c:
+        lines += ["", "custom ops (registered ops Inductor calls as they are):"]
+        lines += [f"  {n:5d}  {name}" for name, n in total_c.most_common()]
     lines += ["", "aten fallbacks (op, calls, where its first call sits in its graph):"]
     for name, n in total_f.most_common():
         source = next(r["sources"][name] for r in results if name in r["sources"])
         lines.append(f"  {n:5d}  {name}   {source[:200]}")
-    lines += ["", "per graph (file: generated kernels / library calls / fallbacks):"]
+    lines += ["", "per graph (file: generated kernels / library calls / fallbacks / custom ops):"]
     lines += [f"  {r['file']}: {sum(r['kernels'].values())} / {sum(r['library'].values())} / "
-              f"{sum(r['fallbacks'].values())}" for r in results]
+              f"{sum(r['fallbacks'].values())} / {sum(r.get('custom', Counter()).values())}" for r in results]
     return "\n".join(lines) + "\n"
 
 

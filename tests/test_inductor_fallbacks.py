@@ -48,6 +48,7 @@ def test_files_that_are_not_wrappers_are_skipped(tmp_path):
                 buf1 = torch.ops.inductor._alloc_from_pool(pool0, 0, torch.float32, (4,), (1,))
                 aten.sum.dim_IntList(buf0, [0], out=buf1)
                 extern_kernels.mm(buf0, buf2, out=buf3)
+                buf4 = torch.ops.fastmae_cuda.masked_mse_loss.default(buf3, buf1)
                 return (buf1,)
 
         def get_args():
@@ -57,4 +58,6 @@ def test_files_that_are_not_wrappers_are_skipped(tmp_path):
     assert graph["kernels"] == {"triton_poi_fused_add_0": 1}
     assert graph["library"] == {"extern_kernels.mm": 1}
     assert graph["fallbacks"] == {"aten.sum.dim_IntList": 1}  # get_args' aten.empty is not in call()
+    assert graph["custom"] == {"fastmae_cuda.masked_mse_loss.default": 1}  # not counted as an aten fallback
+    assert "1 aten fallbacks, 1 custom op calls" in inductor_fallbacks.report([graph])
     assert graph["sources"]["aten.sum.dim_IntList"].startswith("after kernel triton_poi_fused_add_0; ")

@@ -1,0 +1,253 @@
+"""Inductor's CUDA code for one MAE training step, generated on a machine without a GPU: the wrapper of each
+compiled graph (forward and backward) as Inductor writes it for an sm_90 card, and the count of its generated
+Triton kernels, library calls and aten fallbacks (benchmarks/inductor_fallbacks.py).
+
+    python -m benchmarks.inductor_cuda_codegen --model B --side ref,fast --out /tmp/codegen
+
+The step is traced as e2e.py's compiled variants run it (bf16 autocast, the model's forward compiled whole,
+fastmae with masked_only), on fake cuda tensors (benchmarks/fakecuda): shapes and dtypes are real, values are
+not, nothing is timed or autotuned. Two things differ from a GPU run, both to avoid making real cuda tensors:
+the joint graph's constant folding is off, and Inductor's pattern-matcher patterns are traced on the CPU.
+Why: six sessions without a GPU, and questions only Inductor's CUDA output answers (NOTES §6.7-6.8).
+"""
+
+import argparse
+import json
+import platform
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import fakecuda, inductor_fallbacks  # noqa: E402
+from benchmarks.e2e import MODELS, VARIANTS, create_variant_model  # noqa: E402
+from fastmae.models import model_config  # noqa: E402
+
+SIDES = {"ref": "ref-compiled", "fast": "fast-compiled"}  # the e2e variant each side traces
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="B", choices=list(MODELS))
+    p.add_argument("--batch", type=int, default=None, help="default: e2e's batch for the model")
+    p.add_argument("--side", default="ref,fast", help="comma list of ref (the plain reference), fast (fastmae)")
+    p.add_argument("--backend", default="cuda", choices=["cuda", "triton", "torch"],
+                   help="fastmae_kernels backend of the fast side (default cuda: what 'auto' chose on the H100 of "
+                        "2026-11-27; here 'auto' cannot probe a device)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--out", default=None, help="default benchmarks/results/codegen-<model>-<date>")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="a GPU run's e2e profiles folder: compare each side's kernels with its <model>-<variant>"
+                        ".top.txt (3 profiled steps, as e2e --profile writes them)")
+    p.add_argument("--build-dir", default=str(ROOT / ".build" / "fakecuda"), help="where the fake libraries go")
+    args = p.parse_args(argv)
+    args.sides = args.side.split(",")
+    bad = [s for s in args.sides if s not in SIDES]
+    if bad:
+        p.error(f"unknown side {bad}; choose from {', '.join(SIDES)}")
+    args.batch = args.batch or MODELS[args.model][1]
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    date = datetime.now(timezone.utc).strftime("%Y%m%d")
+    args.out = Path(args.out or ROOT / "benchmarks" / "results" / f"codegen-{args.model}-{date}")
+    return args
+
+
+def configure_inductor() -> None:
+    import torch
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.fx_passes import joint_graph
+
+    inductor_config.fx_graph_cache = False  # a cached graph would skip the code generation read here
+    inductor_config.compile_threads = 1  # no worker processes (they would not have the fake runtime's patches)
+    inductor_config.joint_graph_constant_folding = False  # it evaluates constants as real cuda tensors
+    functorch_config.force_non_lazy_backward_lowering = True  # backward compiles with forward, not at .backward()
+    traced_on_cpu = joint_graph.lazy_init
+    # the pattern-matcher's patterns are traced with real tensors of the graph's device: on the CPU here (they
+    # are aten graphs; the device does not enter them)
+    joint_graph.lazy_init = lambda input_device=None: traced_on_cpu(torch.device("cpu"))
+
+
+def grab_wrappers(store: list) -> None:
+    """Makes GraphLowering keep each graph's generated wrapper and stop before loading it (which would compile
+    and load its kernels for a device that is not there)."""
+    from torch._inductor.graph import GraphLowering
+
+    def compile_to_module(self, *args, **kwargs):
+        store.append(("backward" if self.is_backward else "forward", self.codegen()[0].value))
+        raise _Grabbed()
+
+    GraphLowering.compile_to_module = compile_to_module
+
+
+class _Grabbed(Exception):
+    pass
+
+
+def _grabbed(exc: BaseException | None) -> bool:
+    """True for the grab's stop, bare or as Inductor wraps it (InductorError.inner_exception)."""
+    while exc is not None:
+        if isinstance(exc, _Grabbed):
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    return False
+
+
+def pretend_backends_run() -> None:
+    """fastmae_kernels checks once that a backend's kernels run on the device (a tiny launch, cached; inside a
+    compiled trace only the cache is read). No launch can run here: every backend is taken as running, as on the
+    GPU, where each is imported before the trace so none is imported inside it."""
+    import torch
+    from fastmae_kernels import dispatch
+
+    for name in dispatch.BACKENDS:
+        module = dispatch._load(name)
+        if isinstance(module, Exception):
+            raise RuntimeError(f"fastmae_kernels backend {name!r} does not import: {module}")
+        if hasattr(module, "fused_kernels_reason"):
+            module.fused_kernels_reason = lambda device: None
+    probe = dispatch.unavailable_reason
+    dispatch.unavailable_reason = lambda name, device: (None if torch.device(device).type == "cuda"
+                                                        else probe(name, device))
+
+
+def trace_side(side: str, args, out_dir: Path) -> list[Path]:
+    """Traces one side's compiled step and writes its graphs' wrappers into `out_dir`; returns their paths."""
+    import torch
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    spec = VARIANTS[SIDES[side]]
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    name = MODELS[args.model][0]
+    img = model_config(name).get("img_size", 224)
+    model = create_variant_model(spec, name, backend="auto").to("meta")
+    with fake:
+        model = model.to_empty(device="cuda").train()  # parameters as fake cuda tensors
+        imgs = torch.empty(args.batch, 3, img, img, device="cuda")
+    if not spec.reference:
+        pretend_backends_run()
+        model.backend = args.backend  # what optimize_model's resolve_backend("auto") chose on the GPU
+
+    wrappers: list = []
+    grab_wrappers(wrappers)
+
+    def inner(gm, example_inputs, **kwargs):
+        try:
+            compile_fx_inner(gm, example_inputs, **kwargs)
+        except Exception as e:
+            if not _grabbed(e):
+                raise
+        return gm  # AOTAutograd only needs something callable; it is never called for real
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        compile_fx(gm, example_inputs, inner_compile=inner)
+
+        def run(*inputs):  # the forward runs on fake tensors, so the call returns and any later graph compiles
+            with fake:
+                return gm(*inputs)
+
+        return run
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled(imgs, args.mask_ratio, **spec.forward_kwargs())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (kind, code) in enumerate(wrappers):
+        path = out_dir / f"{i:02d}-{kind}.py"
+        path.write_text(code)
+        paths.append(path)
+    if len(graphs) != 1 or [k for k, _ in wrappers] != ["forward", "backward"]:
+        raise RuntimeError(f"{side}: expected one graph with a forward and a backward, got {len(graphs)} "
+                           f"graphs and wrappers {[k for k, _ in wrappers]}")
+    return paths
+
+
+def profile_counts(top_txt: Path) -> dict[str, list[int]]:
+    """Calls of the Inductor kernels in a profile's top-ops table (fastmae.profiling writes <tag>.top.txt):
+    {name as printed: [calls of each kernel printed so]}. The profiler cuts long names to 50 characters and
+    '...', so two kernels can share one printed name; each kernel has two rows (its launch on the CPU, its run
+    on the GPU) with the same count."""
+    rows: dict[str, Counter] = {}
+    for line in Path(top_txt).read_text().splitlines():
+        cells = line.split()
+        if cells and cells[0].startswith("triton_") and cells[-1].isdigit():
+            rows.setdefault(cells[0], Counter())[int(cells[-1])] += 1
+    return {name: sorted(c for c, n in counts.items() for _ in range((n + 1) // 2)) for name, counts in rows.items()}
+
+
+def compare_with_profile(side_dir: Path, top_txt: Path, steps: int) -> list[dict]:
+    """For each Inductor kernel name in a GPU profile of `steps` steps: its calls per step there, and the calls of
+    the wrappers' kernels of that name generated here. Equal counts under equal names say the GPU compiled the
+    same graphs. A cut name matches every generated kernel it begins; the profile's counts must be among theirs."""
+    generated: Counter = Counter()
+    for graph in inductor_fallbacks.scan(side_dir):
+        generated.update(graph["kernels"])
+    rows = []
+    for printed, counts in profile_counts(top_txt).items():
+        stem = printed.removesuffix("...")
+        names = [n for n in generated if n == printed or (printed.endswith("...") and n.startswith(stem))]
+        per_step = [c / steps for c in counts]
+        here = sorted(generated[n] for n in names)
+        same = not Counter(per_step) - Counter(here)  # every profiled kernel's count is among the matches'
+        rows.append({"kernel": printed, "profile_per_step": per_step, "generated_per_step": here, "same": same})
+    return rows
+
+
+def run_child(args) -> int:
+    import torch
+    import triton
+
+    fakecuda.install()
+    configure_inductor()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": MODELS[args.model][0], "batch": args.batch, "mask_ratio": args.mask_ratio,
+            "fast_backend": args.backend,
+            "card": fakecuda.device_properties().name, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "deviations": ["joint_graph_constant_folding off", "pattern-matcher patterns traced on the CPU"],
+            "sides": {}}
+    for side in args.sides:
+        side_dir = args.out / side
+        trace_side(side, args, side_dir)
+        text = inductor_fallbacks.report(inductor_fallbacks.scan(side_dir))
+        (side_dir / "summary.txt").write_text(text)
+        meta["sides"][side] = {"variant": SIDES[side], "summary": text.splitlines()[0]}
+        print(f"== {side} ({SIDES[side]}, {MODELS[args.model][0]}, batch {args.batch}) ==\n{text}", flush=True)
+        if args.against:
+            top = Path(args.against) / f"{MODELS[args.model][0]}-{SIDES[side]}.top.txt"
+            rows = compare_with_profile(side_dir, top, steps=3)
+            lines = [f"# Inductor kernels in {top} (3 steps) against the wrappers generated here, calls per step"]
+            lines += [f"{'same' if r['same'] else 'DIFF'}  profile {r['profile_per_step']}  generated "
+                      f"{r['generated_per_step']}  {r['kernel']}" for r in rows]
+            (side_dir / "against_profile.txt").write_text("\n".join(lines) + "\n")
+            meta["sides"][side]["against_profile"] = {"kernels": len(rows), "same": sum(r["same"] for r in rows)}
+            print("\n".join(lines), flush=True)
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if fakecuda.active():
+        return run_child(args)
+    reason = fakecuda.unavailable_reason()
+    if reason:
+        print(f"inductor_cuda_codegen: cannot fake a CUDA device here: {reason}", file=sys.stderr)
+        return 2
+    lib_dir = fakecuda.build(Path(args.build_dir))
+    return fakecuda.run_under_fake_cuda("benchmarks.inductor_cuda_codegen", argv, lib_dir, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
