@@ -2,12 +2,15 @@
 compiled graph (forward and backward) as Inductor writes it for an sm_90 card, and the count of its generated
 Triton kernels, library calls and aten fallbacks (benchmarks/inductor_fallbacks.py).
 
-    python -m benchmarks.inductor_cuda_codegen --model B --side ref,fast --out /tmp/codegen
+    python -m benchmarks.inductor_cuda_codegen --model B --out /tmp/codegen      # ref-compiled, fast-compiled
+    python -m benchmarks.inductor_cuda_codegen --model tiny --variants all       # every compiled e2e variant
 
-The step is traced as e2e.py's compiled variants run it (bf16 autocast, the model's forward compiled whole,
-fastmae with masked_only), on fake cuda tensors (benchmarks/fakecuda): shapes and dtypes are real, values are
-not, nothing is timed or autotuned. Two things differ from a GPU run, both to avoid making real cuda tensors:
-the joint graph's constant folding is off, and Inductor's pattern-matcher patterns are traced on the CPU.
+Each e2e.py variant is traced as e2e runs it (bf16 autocast, the model's forward compiled whole with
+fullgraph=True, fastmae with masked_only unless the variant says otherwise), on fake cuda tensors
+(benchmarks/fakecuda): shapes and dtypes are real, values are not, nothing is timed or autotuned. A variant
+whose CUDA path breaks the graph fails here, on a CPU, instead of in the scarce device minutes. Two things
+differ from a GPU run, both to avoid making real cuda tensors: the joint graph's constant folding is off, and
+Inductor's pattern-matcher patterns are traced on the CPU.
 Why: six sessions without a GPU, and questions only Inductor's CUDA output answers (NOTES §6.7-6.8).
 """
 
@@ -24,31 +27,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import fakecuda, inductor_fallbacks  # noqa: E402
-from benchmarks.e2e import MODELS, VARIANTS, create_variant_model  # noqa: E402
+from benchmarks.e2e import MODELS, VARIANTS, SdpaBackend, create_variant_model  # noqa: E402
 from fastmae.models import model_config  # noqa: E402
 
-SIDES = {"ref": "ref-compiled", "fast": "fast-compiled"}  # the e2e variant each side traces
+COMPILED = [name for name, spec in VARIANTS.items() if spec.mode is not None]
+DEFAULT_VARIANTS = "ref-compiled,fast-compiled"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="B", choices=list(MODELS))
     p.add_argument("--batch", type=int, default=None, help="default: e2e's batch for the model")
-    p.add_argument("--side", default="ref,fast", help="comma list of ref (the plain reference), fast (fastmae)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma list of e2e's compiled variants, or all ({', '.join(COMPILED)})")
     p.add_argument("--backend", default="cuda", choices=["cuda", "triton", "torch"],
-                   help="fastmae_kernels backend of the fast side (default cuda: what 'auto' chose on the H100 of "
-                        "2026-11-27; here 'auto' cannot probe a device)")
+                   help="fastmae_kernels backend of fastmae's variants that name none (default cuda: what 'auto' "
+                        "chose on the H100 of 2026-11-27; here 'auto' cannot probe a device)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--out", default=None, help="default benchmarks/results/codegen-<model>-<date>")
     p.add_argument("--against", default=None, metavar="DIR",
-                   help="a GPU run's e2e profiles folder: compare each side's kernels with its <model>-<variant>"
-                        ".top.txt (3 profiled steps, as e2e --profile writes them)")
+                   help="a GPU run's e2e profiles folder: compare each variant's kernels with its "
+                        "<model>-<variant>.top.txt (3 profiled steps, as e2e --profile writes them)")
     p.add_argument("--build-dir", default=str(ROOT / ".build" / "fakecuda"), help="where the fake libraries go")
     args = p.parse_args(argv)
-    args.sides = args.side.split(",")
-    bad = [s for s in args.sides if s not in SIDES]
+    args.variants = COMPILED if args.variants == "all" else args.variants.split(",")
+    bad = [v for v in args.variants if v not in COMPILED]
     if bad:
-        p.error(f"unknown side {bad}; choose from {', '.join(SIDES)}")
+        p.error(f"not a compiled e2e variant: {bad}; choose from {', '.join(COMPILED)} or all")
     args.batch = args.batch or MODELS[args.model][1]
     if args.batch < 1:
         p.error("--batch must be >= 1")
@@ -73,13 +78,40 @@ def configure_inductor() -> None:
     joint_graph.lazy_init = lambda input_device=None: traced_on_cpu(torch.device("cpu"))
 
 
+def graph_bytes(scheduler) -> dict:
+    """Inductor's own count of the bytes each scheduled node reads and writes (the "theoretical" accesses its
+    scheduler uses for fusion and bandwidth estimates: each buffer once), split into its generated kernels and
+    the calls it makes as they are (library GEMMs and attention, aten fallbacks, custom ops; by op)."""
+    from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
+
+    generated, generated_nodes, calls = 0, 0, Counter()
+    for node in scheduler.nodes:
+        if isinstance(node, NopKernelSchedulerNode):
+            continue
+        n = node.get_read_write_buffers_sizes()
+        if isinstance(node, ExternKernelSchedulerNode):
+            ir_node = node.node
+            names = (getattr(ir_node, "python_kernel_name", None), getattr(ir_node, "op_overload", None))
+            op = next((str(x) for x in names if x), type(ir_node).__name__)
+            calls[op.removeprefix("torch.ops.")] += n
+        else:
+            generated += n
+            generated_nodes += 1
+    return {"generated_bytes": generated, "generated_nodes": generated_nodes, "call_bytes": dict(calls)}
+
+
 def grab_wrappers(store: list) -> None:
-    """Makes GraphLowering keep each graph's generated wrapper and stop before loading it (which would compile
-    and load its kernels for a device that is not there)."""
+    """Makes GraphLowering keep each graph's generated wrapper (and its byte counts) and stop before loading it
+    (which would compile and load its kernels for a device that is not there)."""
     from torch._inductor.graph import GraphLowering
 
     def compile_to_module(self, *args, **kwargs):
-        store.append(("backward" if self.is_backward else "forward", self.codegen()[0].value))
+        code = self.codegen()[0].value
+        try:
+            counted = graph_bytes(self.scheduler)
+        except Exception as e:  # the wrapper is the product; a count this torch cannot give is said, not hidden
+            counted = {"error": f"{type(e).__name__}: {e}"}
+        store.append(("backward" if self.is_backward else "forward", code, counted))
         raise _Grabbed()
 
     GraphLowering.compile_to_module = compile_to_module
@@ -116,23 +148,26 @@ def pretend_backends_run() -> None:
                                                         else probe(name, device))
 
 
-def trace_side(side: str, args, out_dir: Path) -> list[Path]:
-    """Traces one side's compiled step and writes its graphs' wrappers into `out_dir`; returns their paths."""
+def trace_variant(variant: str, args, out_dir: Path) -> list[Path]:
+    """Traces one e2e variant's compiled step and writes its graphs' wrappers into `out_dir`; returns their
+    paths. Raises when the step is not one graph with a forward and a backward (a graph break on CUDA)."""
     import torch
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    spec = VARIANTS[SIDES[side]]
+    spec = VARIANTS[variant]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     name = MODELS[args.model][0]
     img = model_config(name).get("img_size", 224)
-    model = create_variant_model(spec, name, backend="auto").to("meta")
+    model = create_variant_model(spec, name, backend=args.backend).to("meta")
     with fake:
         model = model.to_empty(device="cuda").train()  # parameters as fake cuda tensors
         imgs = torch.empty(args.batch, 3, img, img, device="cuda")
     if not spec.reference:
-        pretend_backends_run()
-        model.backend = args.backend  # what optimize_model's resolve_backend("auto") chose on the GPU
+        pretend_backends_run()  # then the model's backend stays as given: what resolve_backend chose on the GPU
+        model.set_grad_checkpointing(spec.ckpt)
+    if spec.sdpa is not None:
+        model = SdpaBackend(model, spec.sdpa)
 
     wrappers: list = []
     grab_wrappers(wrappers)
@@ -161,15 +196,35 @@ def trace_side(side: str, args, out_dir: Path) -> list[Path]:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         compiled(imgs, args.mask_ratio, **spec.forward_kwargs())
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (kind, code) in enumerate(wrappers):
+    paths, counted = [], {}
+    for i, (kind, code, graph_counts) in enumerate(wrappers):
         path = out_dir / f"{i:02d}-{kind}.py"
         path.write_text(code)
         paths.append(path)
-    if len(graphs) != 1 or [k for k, _ in wrappers] != ["forward", "backward"]:
-        raise RuntimeError(f"{side}: expected one graph with a forward and a backward, got {len(graphs)} "
-                           f"graphs and wrappers {[k for k, _ in wrappers]}")
+        counted[path.name] = graph_counts
+    (out_dir / "bytes.json").write_text(json.dumps(counted, indent=1) + "\n")
+    kinds = [kind for kind, *_ in wrappers]
+    if len(graphs) != 1 or kinds != ["forward", "backward"]:
+        raise RuntimeError(f"{variant}: expected one graph with a forward and a backward, got {len(graphs)} "
+                           f"graphs and wrappers {kinds}")
     return paths
+
+
+def bytes_summary(variant_dir: Path, batch: int) -> str:
+    """The step's bytes as Inductor counts them (bytes.json of `trace_variant`), in GB per step and MB per image."""
+    counted = json.loads((variant_dir / "bytes.json").read_text())
+    if any("error" in c for c in counted.values()):
+        return "bytes: not counted (" + "; ".join(c["error"] for c in counted.values() if "error" in c) + ")"
+    generated = sum(c["generated_bytes"] for c in counted.values())
+    calls: Counter = Counter()
+    for c in counted.values():
+        calls.update(c["call_bytes"])
+    lines = [f"bytes read + written per step, Inductor's count (each buffer once): generated kernels "
+             f"{generated / 1e9:.2f} GB ({generated / batch / 1e6:.1f} MB/img, "
+             f"{sum(c['generated_nodes'] for c in counted.values())} scheduled nodes), calls "
+             f"{sum(calls.values()) / 1e9:.2f} GB:"]
+    lines += [f"  {n / 1e9:8.3f} GB  {op}" for op, n in calls.most_common(8)]
+    return "\n".join(lines)
 
 
 def profile_counts(top_txt: Path) -> dict[str, list[int]]:
@@ -185,12 +240,12 @@ def profile_counts(top_txt: Path) -> dict[str, list[int]]:
     return {name: sorted(c for c, n in counts.items() for _ in range((n + 1) // 2)) for name, counts in rows.items()}
 
 
-def compare_with_profile(side_dir: Path, top_txt: Path, steps: int) -> list[dict]:
+def compare_with_profile(variant_dir: Path, top_txt: Path, steps: int) -> list[dict]:
     """For each Inductor kernel name in a GPU profile of `steps` steps: its calls per step there, and the calls of
     the wrappers' kernels of that name generated here. Equal counts under equal names say the GPU compiled the
     same graphs. A cut name matches every generated kernel it begins; the profile's counts must be among theirs."""
     generated: Counter = Counter()
-    for graph in inductor_fallbacks.scan(side_dir):
+    for graph in inductor_fallbacks.scan(variant_dir):
         generated.update(graph["kernels"])
     rows = []
     for printed, counts in profile_counts(top_txt).items():
@@ -211,26 +266,28 @@ def run_child(args) -> int:
     configure_inductor()
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": MODELS[args.model][0], "batch": args.batch, "mask_ratio": args.mask_ratio,
-            "fast_backend": args.backend,
+            "backend": args.backend,
             "card": fakecuda.device_properties().name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "deviations": ["joint_graph_constant_folding off", "pattern-matcher patterns traced on the CPU"],
-            "sides": {}}
-    for side in args.sides:
-        side_dir = args.out / side
-        trace_side(side, args, side_dir)
-        text = inductor_fallbacks.report(inductor_fallbacks.scan(side_dir))
-        (side_dir / "summary.txt").write_text(text)
-        meta["sides"][side] = {"variant": SIDES[side], "summary": text.splitlines()[0]}
-        print(f"== {side} ({SIDES[side]}, {MODELS[args.model][0]}, batch {args.batch}) ==\n{text}", flush=True)
+            "variants": {}}
+    for variant in args.variants:
+        variant_dir = args.out / variant
+        trace_variant(variant, args, variant_dir)
+        text = inductor_fallbacks.report(inductor_fallbacks.scan(variant_dir))
+        text += "\n" + bytes_summary(variant_dir, args.batch) + "\n"
+        (variant_dir / "summary.txt").write_text(text)
+        meta["variants"][variant] = {"summary": text.splitlines()[0]}
+        (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # kept as variants finish
+        print(f"== {variant} ({MODELS[args.model][0]}, batch {args.batch}) ==\n{text}", flush=True)
         if args.against:
-            top = Path(args.against) / f"{MODELS[args.model][0]}-{SIDES[side]}.top.txt"
-            rows = compare_with_profile(side_dir, top, steps=3)
+            top = Path(args.against) / f"{MODELS[args.model][0]}-{variant}.top.txt"
+            rows = compare_with_profile(variant_dir, top, steps=3)
             lines = [f"# Inductor kernels in {top} (3 steps) against the wrappers generated here, calls per step"]
             lines += [f"{'same' if r['same'] else 'DIFF'}  profile {r['profile_per_step']}  generated "
                       f"{r['generated_per_step']}  {r['kernel']}" for r in rows]
-            (side_dir / "against_profile.txt").write_text("\n".join(lines) + "\n")
-            meta["sides"][side]["against_profile"] = {"kernels": len(rows), "same": sum(r["same"] for r in rows)}
+            (variant_dir / "against_profile.txt").write_text("\n".join(lines) + "\n")
+            meta["variants"][variant]["against_profile"] = {"kernels": len(rows), "same": sum(r["same"] for r in rows)}
             print("\n".join(lines), flush=True)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return 0

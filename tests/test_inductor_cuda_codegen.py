@@ -5,6 +5,7 @@ machine through benchmarks/fakecuda. Checked on the tiny model: both compiled gr
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,39 +35,53 @@ def _fast_backend() -> str:
 
 
 @pytest.mark.slow
-def test_tiny_step_compiles_to_cuda_code(tmp_path):
+def test_every_compiled_e2e_variant_compiles_to_cuda_code(tmp_path):
+    """Every compiled variant e2e (and so gpu_check.sh) runs on the GPU traces as one graph on the CUDA paths,
+    and its code is CUDA code."""
+    from benchmarks.inductor_cuda_codegen import COMPILED
+
     reason = fakecuda.unavailable_reason()
     if reason:
         pytest.skip(f"no fake CUDA here: {reason}")
     backend = _fast_backend()
     out = tmp_path / "codegen"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.inductor_cuda_codegen", "--model", "tiny",
-                           "--backend", backend, "--out", str(out), "--build-dir", str(tmp_path / "libs")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--variants", "all", "--backend", backend, "--out", str(out),
+                           "--build-dir", str(tmp_path / "libs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["torch"] == torch.__version__ and meta["fast_backend"] == backend
-    assert set(meta["sides"]) == {"ref", "fast"}
-    for side in ("ref", "fast"):
-        wrappers = sorted(p.name for p in (out / side).glob("*.py"))
-        assert wrappers == ["00-forward.py", "01-backward.py"]
-        code = (out / side / "01-backward.py").read_text()
+    assert meta["torch"] == torch.__version__ and meta["backend"] == backend
+    assert list(meta["variants"]) == COMPILED
+    for variant in COMPILED:
+        wrappers = sorted(p.name for p in (out / variant).glob("*.py"))
+        assert wrappers == ["00-forward.py", "01-backward.py"], variant
+        code = (out / variant / "01-backward.py").read_text()
         assert "@triton.jit" in code and "device_str='cuda'" in code and "cc=90" in code  # sm_90 Triton
         assert "empty_strided_cuda(" in code and "empty_strided_cpu(" not in code
 
-    ref, fast = (inductor_fallbacks.scan(out / side) for side in ("ref", "fast"))
-    ref_library = sum((g["library"] for g in ref), start=type(ref[0]["library"])())
-    # each Linear layer: one addmm forward (the bias in cuBLAS's epilogue), two mm backward (input and weight
-    # gradients; the patch embedding is a convolution)
-    n_linear = sum(isinstance(m, torch.nn.Linear)
-                   for m in __import__("fastmae.models", fromlist=["x"]).create_model(
-                       "mae_vit_tiny_patch4_dec64d2b", reference=True).modules())
-    assert ref_library["extern_kernels.addmm"] == n_linear
-    assert ref_library["extern_kernels.mm"] == 2 * n_linear
-    assert any("cudnn_attention" in name for name in ref_library)  # SDPA picks cuDNN on sm_90 in these versions
-    ref_fallbacks = {name.split(".")[1] for g in ref for name in g["fallbacks"]}
-    assert "sum" not in ref_fallbacks  # bias and norm gradients are Inductor's own reductions (NOTES §6.8)
-    custom = {name for g in fast for name in g["custom"]}
+    graphs = {v: inductor_fallbacks.scan(out / v) for v in COMPILED}
+
+    def total(variant: str, kind: str) -> Counter:
+        return sum((g[kind] for g in graphs[variant]), Counter())
+
+    # the reference: each Linear layer is one addmm forward (the bias in cuBLAS's epilogue) and two mm backward
+    # (input and weight gradients; its patch embedding is a convolution)
+    from fastmae.models import create_model
+
+    model = create_model("mae_vit_tiny_patch4_dec64d2b", reference=True)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    ref = total("ref-compiled", "library")
+    assert ref["extern_kernels.addmm"] == n_linear and ref["extern_kernels.mm"] == 2 * n_linear
+    assert any("cudnn_attention" in name for name in ref)  # SDPA picks cuDNN on sm_90 in these versions
+    assert not any(name.startswith("aten.sum") for name in total("ref-compiled", "fallbacks"))  # NOTES §6.8
+    # fastmae: its MAE ops are opaque custom ops on the chosen backend, torch ops when the variant says so
     assert {f"fastmae_{backend}.masked_mse_loss.default",
-            f"fastmae_{backend}.insert_mask_tokens_backward.default"} <= custom, custom
+            f"fastmae_{backend}.insert_mask_tokens_backward.default"} <= set(total("fast-compiled", "custom"))
+    assert not total("fast-compiled-torchops", "custom")
+    # the forced-flash variant calls flash attention where the others call cuDNN's
+    assert any("flash" in name for name in total("fast-compiled-flash", "library"))
+    # the fused-norm control puts the Triton add + LayerNorm into the compiled graph
+    assert any("add_layer_norm" in name for name in total("fast-compiled-fusednorm", "custom"))
+    assert any("bias_gelu" in name for name in total("fast-compiled-fusedgelu", "custom"))
