@@ -155,6 +155,7 @@ def trace_variant(variant: str, args, out_dir: Path) -> list[Path]:
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    torch._dynamo.reset()  # each variant compiles afresh (no recompile limit across variants of one model class)
     spec = VARIANTS[variant]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     name = MODELS[args.model][0]

@@ -52,7 +52,7 @@ def scan_file(path: Path) -> dict | None:
             short = name.removeprefix("torch.ops.")
             if name.startswith("extern_kernels.") or "_attention" in name or "_efficient" in name:
                 library[short] += 1
-            elif short.split(".")[0] not in ("aten", "prims"):
+            elif short.split(".")[0] not in ("aten", "prims", "inductor"):
                 custom[short] += 1  # a registered custom op (fastmae's kernels): opaque to Inductor by design
             else:
                 fallbacks[short] += 1

@@ -42,7 +42,8 @@ def category(name: str) -> str:
 def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_dir: Path, tag: str,
                  trace: bool = False) -> dict:
     """Profiles `steps` calls of `step` (already warmed up); writes <tag>.top.txt (top ops),
-    <tag>.categories.json, <tag>.kernels.json (each category's top kernels), with `trace` also <tag>.trace.json
+    <tag>.categories.json, <tag>.kernels.json (each category's top kernels), <tag>.callers.txt (who called each
+    aten::sum, copy and fill: `op_callers`), with `trace` also <tag>.trace.json
     (chrome trace, tens of MB for a ViT-B step). Returns {"shares": {category: share of kernel time},
     "device_ms_per_step": summed kernel time per step (on CPU: summed aten self time), "annotation_spans_ms":
     {range name: its span on the GPU timeline per step} (e.g. the optimizer step, gaps included)}."""
