@@ -85,3 +85,38 @@ def test_every_compiled_e2e_variant_compiles_to_cuda_code(tmp_path):
     # the fused-norm control puts the Triton add + LayerNorm into the compiled graph
     assert any("add_layer_norm" in name for name in total("fast-compiled-fusednorm", "custom"))
     assert any("bias_gelu" in name for name in total("fast-compiled-fusedgelu", "custom"))
+
+
+PROBE = r"""
+#include <stdio.h>
+#include <cuda_runtime_api.h>
+#ifdef cudaGetDeviceProperties
+#undef cudaGetDeviceProperties
+#endif
+int main(void) {
+  struct cudaDeviceProp p;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || cudaGetDeviceProperties(&p, 0) != cudaSuccess) return 1;
+  printf("%d|%s|%d|%d|%d|%zu|%d|%zu|%d\n", n, p.name, p.major, p.minor, p.multiProcessorCount, p.totalGlobalMem,
+         p.l2CacheSize, p.sharedMemPerBlockOptin, p.memoryBusWidth);
+  return 0;
+}
+"""
+
+
+def test_the_c_runtime_shim_reports_the_card_python_reports(tmp_path):
+    """One card for both halves: what torch's C++ reads from the shim is fakecuda.CARD, as torch.cuda's is."""
+    reason = fakecuda.unavailable_reason()
+    if reason:
+        pytest.skip(f"no fake CUDA here: {reason}")
+    lib_dir = fakecuda.build(tmp_path / "libs")
+    (tmp_path / "probe.c").write_text(PROBE)
+    subprocess.run(["gcc", f"-I{fakecuda.header_dirs()[0]}", "-o", str(tmp_path / "probe"), str(tmp_path / "probe.c"),
+                    f"-L{lib_dir}", "-l:libfakecudart.so", f"-Wl,-rpath,{lib_dir}"], check=True)
+    out = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True).stdout.strip()
+    card = fakecuda.CARD
+    assert out.split("|") == [str(v) for v in (1, card["name"], card["major"], card["minor"],
+                                               card["multi_processor_count"], card["total_memory"],
+                                               card["L2_cache_size"], card["shared_memory_per_block_optin"],
+                                               card["memory_bus_width"])]
+    assert vars(fakecuda.device_properties()).items() >= card.items()

@@ -16,6 +16,7 @@ preload has to be set before the process starts). Needs gcc and the CUDA runtime
 nvidia pip packages torch brings), and a CUDA build of torch.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -28,7 +29,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 MARK = "FASTMAE_FAKE_CUDA"  # set in the child's environment: install() may run
-SM_COUNT = 132  # H100 SXM and H200 alike (the H200 has the same chip; only memory differs)
+# The one card both halves describe: an H100 SXM as far as torch's C++ and Inductor read it (the H200 has the
+# same chip; only memory differs). Python serves it from torch.cuda; the C runtime shim gets each value as a
+# FAKE_<KEY> definition at build time (`build`).
+CARD = {
+    "name": "NVIDIA H100 80GB HBM3 (benchmarks/fakecuda)", "major": 9, "minor": 0, "multi_processor_count": 132,
+    "total_memory": 80 * 2**30, "regs_per_multiprocessor": 65536, "max_threads_per_multi_processor": 2048,
+    "max_threads_per_block": 1024, "warp_size": 32, "L2_cache_size": 50 * 2**20, "shared_memory_per_block": 49152,
+    "shared_memory_per_block_optin": 232448, "shared_memory_per_multiprocessor": 233472, "memory_bus_width": 5120,
+}
 
 
 def header_dirs() -> list[Path]:
@@ -70,7 +79,10 @@ def build(out_dir: Path) -> Path:
     if reason:
         raise RuntimeError(f"fake CUDA cannot be built: {reason}")
     node = cudart_version_node()
-    out_dir = Path(out_dir) / f"{torch.__version__}-{node}"
+    card = [f'-DFAKE_{key.upper()}="{value}"' if isinstance(value, str) else f"-DFAKE_{key.upper()}={value}"
+            for key, value in CARD.items()]
+    card_hash = hashlib.sha1(" ".join(card).encode()).hexdigest()[:8]  # another card: another build
+    out_dir = Path(out_dir) / f"{torch.__version__}-{node}-{card_hash}"
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime, driver = out_dir / "libfakecudart.so", out_dir / "libcuda.so.1"
     sources = [HERE / "fakecudart.c", HERE / "libcuda.c"]
@@ -80,7 +92,7 @@ def build(out_dir: Path) -> Path:
     version_script = out_dir / "fakecudart.map"
     version_script.write_text(f"{node} {{ global: cuda*; local: *; }};\n")
     include = [f"-I{d}" for d in header_dirs()[:1]]
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", *include, "-o", str(runtime), str(sources[0]),
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", *include, *card, "-o", str(runtime), str(sources[0]),
                     f"-Wl,--version-script={version_script}"], check=True)
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(driver), str(sources[1])], check=True)
     return out_dir
@@ -101,14 +113,10 @@ def active() -> bool:
 
 
 def device_properties() -> types.SimpleNamespace:
-    """What torch.cuda.get_device_properties returns on an H100 SXM, as far as Inductor reads it."""
-    return types.SimpleNamespace(
-        name="NVIDIA H100 80GB HBM3 (benchmarks/fakecuda)", major=9, minor=0, multi_processor_count=SM_COUNT,
-        total_memory=80 * 2**30, regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
-        max_threads_per_block=1024, warp_size=32, L2_cache_size=50 * 2**20, shared_memory_per_block=49152,
-        shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472, gcnArchName="",
-        is_integrated=False, is_multi_gpu_board=False, uuid="fakecuda", clock_rate=1980000,
-        memory_clock_rate=2619000, memory_bus_width=5120, pci_bus_id=0, pci_device_id=0, pci_domain_id=0)
+    """What torch.cuda.get_device_properties returns for `CARD`, as far as Inductor reads it."""
+    return types.SimpleNamespace(**CARD, gcnArchName="", is_integrated=False, is_multi_gpu_board=False,
+                                 uuid="fakecuda", clock_rate=1980000, memory_clock_rate=2619000, pci_bus_id=0,
+                                 pci_device_id=0, pci_domain_id=0)
 
 
 def install() -> None:

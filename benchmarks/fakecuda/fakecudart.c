@@ -10,7 +10,10 @@
 #undef cudaGetDeviceProperties
 #endif
 
-static int sm_count = 132; /* H100 SXM; the H200 has the same chip */
+/* The card: FAKE_* definitions from CARD in __init__.py (one description for both halves). */
+#ifndef FAKE_MULTI_PROCESSOR_COUNT
+#error "build with benchmarks/fakecuda.build(), which defines the card (FAKE_*)"
+#endif
 
 cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
 cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
@@ -49,21 +52,22 @@ const char *cudaGetErrorName(cudaError_t e) { return "fakecuda"; }
 
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int device) {
   memset(p, 0, sizeof(*p));
-  strcpy(p->name, "NVIDIA H100 80GB HBM3 (benchmarks/fakecuda)");
-  p->major = 9;
-  p->minor = 0;
-  p->multiProcessorCount = sm_count;
-  p->totalGlobalMem = 80ull << 30;
-  p->warpSize = 32;
-  p->maxThreadsPerBlock = 1024;
-  p->maxThreadsPerMultiProcessor = 2048;
-  p->regsPerMultiprocessor = 65536;
-  p->regsPerBlock = 65536;
-  p->sharedMemPerBlock = 49152;
-  p->sharedMemPerBlockOptin = 232448;
-  p->sharedMemPerMultiprocessor = 233472;
-  p->l2CacheSize = 50 << 20;
-  p->memoryBusWidth = 5120;
+  strncpy(p->name, FAKE_NAME, sizeof(p->name) - 1);
+  p->major = FAKE_MAJOR;
+  p->minor = FAKE_MINOR;
+  p->multiProcessorCount = FAKE_MULTI_PROCESSOR_COUNT;
+  p->totalGlobalMem = FAKE_TOTAL_MEMORY;
+  p->warpSize = FAKE_WARP_SIZE;
+  p->maxThreadsPerBlock = FAKE_MAX_THREADS_PER_BLOCK;
+  p->maxThreadsPerMultiProcessor = FAKE_MAX_THREADS_PER_MULTI_PROCESSOR;
+  p->regsPerMultiprocessor = FAKE_REGS_PER_MULTIPROCESSOR;
+  p->regsPerBlock = FAKE_REGS_PER_MULTIPROCESSOR; /* the whole file per block on sm_70 and later */
+  p->sharedMemPerBlock = FAKE_SHARED_MEMORY_PER_BLOCK;
+  p->sharedMemPerBlockOptin = FAKE_SHARED_MEMORY_PER_BLOCK_OPTIN;
+  p->sharedMemPerMultiprocessor = FAKE_SHARED_MEMORY_PER_MULTIPROCESSOR;
+  p->l2CacheSize = FAKE_L2_CACHE_SIZE;
+  p->memoryBusWidth = FAKE_MEMORY_BUS_WIDTH;
+  /* launch limits of every card since sm_30 */
   p->maxThreadsDim[0] = 1024;
   p->maxThreadsDim[1] = 1024;
   p->maxThreadsDim[2] = 64;
