@@ -16,7 +16,6 @@ Why: six sessions without a GPU, and questions only Inductor's CUDA output answe
 
 import argparse
 import json
-import platform
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import fakecuda, inductor_fallbacks  # noqa: E402
+from benchmarks import common, fakecuda, inductor_fallbacks  # noqa: E402
 from benchmarks.e2e import MODELS, VARIANTS, SdpaBackend, create_variant_model  # noqa: E402
 from fastmae.models import model_config  # noqa: E402
 
@@ -148,9 +147,10 @@ def pretend_backends_run() -> None:
                                                         else probe(name, device))
 
 
-def trace_variant(variant: str, args, out_dir: Path) -> list[Path]:
-    """Traces one e2e variant's compiled step and writes its graphs' wrappers into `out_dir`; returns their
-    paths. Raises when the step is not one graph with a forward and a backward (a graph break on CUDA)."""
+def trace_variant(variant: str, args, out_dir: Path) -> dict:
+    """Traces one e2e variant's compiled step, writes its graphs' wrappers and their byte counts (bytes.json)
+    into `out_dir`, and returns the counts ({wrapper file: graph_bytes}). Raises when the step is not one graph
+    with a forward and a backward (a graph break on CUDA)."""
     import torch
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -197,23 +197,21 @@ def trace_variant(variant: str, args, out_dir: Path) -> list[Path]:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         compiled(imgs, args.mask_ratio, **spec.forward_kwargs())
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, counted = [], {}
+    counted = {}
     for i, (kind, code, graph_counts) in enumerate(wrappers):
         path = out_dir / f"{i:02d}-{kind}.py"
         path.write_text(code)
-        paths.append(path)
         counted[path.name] = graph_counts
     (out_dir / "bytes.json").write_text(json.dumps(counted, indent=1) + "\n")
     kinds = [kind for kind, *_ in wrappers]
     if len(graphs) != 1 or kinds != ["forward", "backward"]:
         raise RuntimeError(f"{variant}: expected one graph with a forward and a backward, got {len(graphs)} "
                            f"graphs and wrappers {kinds}")
-    return paths
+    return counted
 
 
-def bytes_summary(variant_dir: Path, batch: int) -> str:
-    """The step's bytes as Inductor counts them (bytes.json of `trace_variant`), in GB per step and MB per image."""
-    counted = json.loads((variant_dir / "bytes.json").read_text())
+def bytes_summary(counted: dict, batch: int) -> str:
+    """The step's bytes as Inductor counts them (what `trace_variant` returns), in GB per step and MB per image."""
     if any("error" in c for c in counted.values()):
         return "bytes: not counted (" + "; ".join(c["error"] for c in counted.values() if "error" in c) + ")"
     generated = sum(c["generated_bytes"] for c in counted.values())
@@ -260,23 +258,19 @@ def compare_with_profile(variant_dir: Path, top_txt: Path, steps: int) -> list[d
 
 
 def run_child(args) -> int:
-    import torch
-    import triton
-
     fakecuda.install()
     configure_inductor()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": MODELS[args.model][0], "batch": args.batch, "mask_ratio": args.mask_ratio,
-            "backend": args.backend,
-            "card": fakecuda.device_properties().name, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    # common.environment's record (its "device" is the faked card's name), as every benchmark keeps
+    meta = {**common.environment("cuda"), "model": MODELS[args.model][0], "batch": args.batch,
+            "mask_ratio": args.mask_ratio, "backend": args.backend,
             "deviations": ["joint_graph_constant_folding off", "pattern-matcher patterns traced on the CPU"],
             "variants": {}}
     for variant in args.variants:
         variant_dir = args.out / variant
-        trace_variant(variant, args, variant_dir)
+        counted = trace_variant(variant, args, variant_dir)
         text = inductor_fallbacks.report(inductor_fallbacks.scan(variant_dir))
-        text += "\n" + bytes_summary(variant_dir, args.batch) + "\n"
+        text += "\n" + bytes_summary(counted, args.batch) + "\n"
         (variant_dir / "summary.txt").write_text(text)
         meta["variants"][variant] = {"summary": text.splitlines()[0]}
         (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # kept as variants finish
