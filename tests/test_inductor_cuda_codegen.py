@@ -5,6 +5,7 @@ machine through benchmarks/fakecuda. Checked on the tiny model: both compiled gr
 import json
 import subprocess
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -120,3 +121,36 @@ def test_the_c_runtime_shim_reports_the_card_python_reports(tmp_path):
                                                card["L2_cache_size"], card["shared_memory_per_block_optin"],
                                                card["memory_bus_width"])]
     assert vars(fakecuda.device_properties()).items() >= card.items()
+
+
+def test_compare_with_profile_matches_names_cut_names_and_counts(tmp_path):
+    """`--against`: a profile's Inductor kernels (3 steps; a long name cut with '...' can stand for two kernels,
+    each printed twice: CPU launch and GPU run) against the calls in generated wrappers."""
+    from benchmarks.inductor_cuda_codegen import compare_with_profile, profile_counts
+
+    (tmp_path / "gen").mkdir()
+    # the scanner counts call sites, so write each call out as often as it runs
+    body = ("triton_poi_fused_gelu_backward_9.run(b, stream=s)\n" * 8
+            + "triton_per_fused_native_layer_norm_backward_view_12.run(b, stream=s)\n" * 15
+            + "triton_per_fused_native_layer_norm_backward_view_34.run(b, stream=s)\n" * 22
+            + "triton_poi_fused_view_5.run(b, stream=s)\n")
+    (tmp_path / "gen" / "01-backward.py").write_text(
+        "class Runner:\n    def call(self, args):\n" + textwrap.indent(body, " " * 8) + "        return ()\n")
+    top = tmp_path / "x.top.txt"
+    row = "{:<55}  0.00%  0.000us  0.00%  0.000us  0.000us  1.0ms  1.0%  1.0ms  1.0us  {}\n"
+    top.write_text("".join(row.format(name, calls) for name, calls in [
+        ("aten::mm", 492), ("triton_poi_fused_gelu_backward_9", 24), ("triton_poi_fused_gelu_backward_9", 24),
+        ("triton_per_fused_native_layer_norm_backward_view...", 45),
+        ("triton_per_fused_native_layer_norm_backward_view...", 45),
+        ("triton_per_fused_native_layer_norm_backward_view...", 66),
+        ("triton_per_fused_native_layer_norm_backward_view...", 66),
+        ("triton_poi_fused_view_5", 6), ("triton_poi_fused_view_5", 6)]))
+
+    assert profile_counts(top) == {"triton_poi_fused_gelu_backward_9": [24],
+                                   "triton_per_fused_native_layer_norm_backward_view...": [45, 66],
+                                   "triton_poi_fused_view_5": [6]}
+    rows = {r["kernel"]: r for r in compare_with_profile(tmp_path / "gen", top, steps=3)}
+    assert rows["triton_poi_fused_gelu_backward_9"]["same"]
+    cut = rows["triton_per_fused_native_layer_norm_backward_view..."]
+    assert cut["same"] and cut["profile_per_step"] == [15.0, 22.0] and cut["generated_per_step"] == [15, 22]
+    assert not rows["triton_poi_fused_view_5"]["same"]  # 2 per step profiled, 1 generated
