@@ -42,8 +42,9 @@ def category(name: str) -> str:
 def profile_step(step: Callable[[], Any], device: torch.device, steps: int, out_dir: Path, tag: str,
                  trace: bool = False) -> dict:
     """Profiles `steps` calls of `step` (already warmed up); writes <tag>.top.txt (top ops),
-    <tag>.categories.json, <tag>.kernels.json (each category's top kernels), <tag>.callers.txt (who called each
-    aten::sum, copy and fill: `op_callers`), with `trace` also <tag>.trace.json
+    <tag>.categories.json, <tag>.kernels.json (each category's top kernels), <tag>.kernel_times.json (every
+    kernel: calls and us per step), <tag>.callers.txt (who called each aten::sum, copy and fill: `op_callers`),
+    with `trace` also <tag>.trace.json
     (chrome trace, tens of MB for a ViT-B step). Returns {"shares": {category: share of kernel time},
     "device_ms_per_step": summed kernel time per step (on CPU: summed aten self time), "annotation_spans_ms":
     {range name: its span on the GPU timeline per step} (e.g. the optimizer step, gaps included)}."""
@@ -71,6 +72,7 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
     (out_dir / f"{tag}.top.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40))
     totals: dict[str, float] = defaultdict(float)
     kernels: dict[str, list] = defaultdict(list)
+    times: dict[str, dict] = {}
     spans: dict[str, float] = {}
     for event in prof.key_averages():
         if device.type == "cuda":
@@ -89,6 +91,7 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
                 continue
         totals[category(event.key)] += t
         kernels[category(event.key)].append((event.key, t))
+        times[event.key] = {"calls": event.count / steps, "us": round(t / steps, 3), "category": category(event.key)}
     total = sum(totals.values()) or 1.0
     shares = {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     (out_dir / f"{tag}.categories.json").write_text(json.dumps(shares, indent=2) + "\n")
@@ -96,6 +99,10 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
     top = {k: [[name, round(t / steps, 1)] for name, t in sorted(v, key=lambda kv: -kv[1])[:8]]
            for k, v in kernels.items()}
     (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
+    # every kernel under its full name (the top table cuts names to 50 characters), per profiled step: what
+    # benchmarks/kernel_bandwidth.py sets against Inductor's byte count of the same kernels
+    by_time = dict(sorted(times.items(), key=lambda kv: -kv[1]["us"]))
+    (out_dir / f"{tag}.kernel_times.json").write_text(json.dumps(by_time, indent=1) + "\n")
     (out_dir / f"{tag}.callers.txt").write_text(format_callers(op_callers(prof.events()), steps))
     return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3, "annotation_spans_ms": spans}
 

@@ -72,6 +72,12 @@ def test_rounds_interleave_the_variants_and_report_the_spread(tmp_path):
         assert sum(row["profile"]["shares"].values()) == pytest.approx(1.0)
     assert "Where the step goes" in (tmp_path / "e2e.md").read_text()
     assert (tmp_path / "profiles" / "mae_vit_tiny_patch4_dec64d2b-fast-eager.kernels.json").is_file()
+    # every kernel (here aten op) under its full name, per step: together the step's kernel time
+    tag = tmp_path / "profiles" / "mae_vit_tiny_patch4_dec64d2b-fast-eager"
+    times = json.loads(tag.with_name(tag.name + ".kernel_times.json").read_text())
+    assert "aten::mm" in times and all(t["calls"] > 0 and t["us"] > 0 for t in times.values())
+    fast_profile = next(r["profile"] for r in rows if r["variant"] == "fast-eager")
+    assert sum(t["us"] for t in times.values()) / 1e3 == pytest.approx(fast_profile["device_ms_per_step"], rel=1e-3)
     assert [r["variant"] for r in rows] == ["ref-eager", "fast-eager"]
     for row in rows:
         assert row["status"] == "ok" and row["rounds"] == 3 and len(row["round_ms"]) == 3
