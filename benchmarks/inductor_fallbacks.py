@@ -22,11 +22,23 @@ SOURCE = re.compile(r"#\s*Topologically Sorted Source Nodes: \[(.*?)\], Original
 NOT_WORK = ("torch.ops.inductor._alloc_from_pool", "torch.ops.aten.set_", "aten.set_")  # memory plumbing
 
 
+def _code_lines(lines: list[str]) -> list[bool]:
+    """For each line, whether it is the wrapper's own code: False inside a triple-quoted string, which is where a
+    wrapper embeds each kernel's source (with config.benchmark_kernel, each carries its own `def call(args)`)."""
+    inside, code = False, []
+    for line in lines:
+        code.append(not inside)
+        if line.count("'''") % 2:
+            inside = not inside
+    return code
+
+
 def scan_file(path: Path) -> dict | None:
     """Counts for one wrapper module (None if the file is not one): kernels, library calls, aten fallbacks."""
     lines = path.read_text(errors="replace").splitlines()
+    code = _code_lines(lines)
     # the graph's `def call(args)`: module level in older wrappers, a method of `Runner` in newer ones
-    start = next((i for i, line in enumerate(lines) if re.match(r"\s*def call\(", line)), None)
+    start = next((i for i, line in enumerate(lines) if code[i] and re.match(r"\s*def call\(", line)), None)
     if start is None:
         return None
     indent = len(lines[start]) - len(lines[start].lstrip())

@@ -61,3 +61,32 @@ def test_files_that_are_not_wrappers_are_skipped(tmp_path):
     assert graph["custom"] == {"fastmae_cuda.masked_mse_loss.default": 1}  # not counted as an aten fallback
     assert "1 aten fallbacks, 1 custom op calls" in inductor_fallbacks.report([graph])
     assert graph["sources"]["aten.sum.dim_IntList"].startswith("after kernel triton_poi_fused_add_0; ")
+
+
+def test_kernel_sources_embedded_in_the_wrapper_are_not_its_call(tmp_path):
+    """With config.benchmark_kernel each kernel's source (a string in the wrapper) carries its own
+    `def call(args)`; the scan reads the wrapper's own call()."""
+    quotes = "'" * 3
+    (tmp_path / "wrapper.py").write_text(textwrap.dedent(f"""
+        triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', {quotes}
+        @triton_heuristics.pointwise(
+            inductor_meta={{'grid_type': 'Grid1D', 'kernel_name': 'triton_poi_fused_add_0', 'kernel_num_gb': 0.0015}},
+        )
+        @triton.jit
+        def triton_poi_fused_add_0(in_ptr0, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+            pass
+
+        def call(args):
+            triton_poi_fused_add_0.run(*args, stream=0)
+            aten.sum.default(args[0])
+        {quotes}, device_str='cuda')
+
+        def call(args):
+            triton_poi_fused_add_0.run(buf0, buf1, 1024, stream=stream0)
+            triton_poi_fused_add_0.run(buf1, buf2, 1024, stream=stream0)
+            extern_kernels.mm(buf2, buf3, out=buf4)
+            return (buf4,)
+    """))
+    (graph,) = inductor_fallbacks.scan(tmp_path)
+    assert graph["kernels"] == {"triton_poi_fused_add_0": 2} and graph["library"] == {"extern_kernels.mm": 1}
+    assert not graph["fallbacks"]  # the aten.sum sits in the kernel's source string, not in the wrapper's call
