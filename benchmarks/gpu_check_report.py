@@ -20,12 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks.*`
 
-from benchmarks import gpu_clocks  # noqa: E402
+from benchmarks import gpu_clocks, kernel_bandwidth  # noqa: E402
 from benchmarks.common import format_speedup, markdown_table, speedup_range  # noqa: E402
 from benchmarks.e2e import step_range  # noqa: E402
 from benchmarks.predictions import PREDICTED_FOR, PREDICTIONS, ROUND_SPREAD_MAX, Prediction  # noqa: E402
 
 SLOW = 1.10  # a step this much slower than its row's median counts as slow
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def verdict(value: float | None, rng: list[float] | None, lo: float, hi: float) -> str:
@@ -234,7 +235,55 @@ def sum_callers(root: Path, op: str = "aten::sum") -> str:
     return "\n".join(blocks) + "\n" if blocks else ""
 
 
-def report(root: Path) -> str:
+def copy_gbps(kernels: list[dict]) -> float | None:
+    """The card's copy rate as the kernel benchmark measured it (each row's GB/s over its fraction of it)."""
+    for r in kernels:
+        try:
+            gbps, frac = float(r["GB/s"]), float(r["frac_copy_bw"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if gbps > 0 and frac > 0:
+            return gbps / frac
+    return None
+
+
+def default_codegen(root: Path) -> Path | None:
+    """The newest committed codegen (benchmarks/inductor_cuda_codegen.py) for the torch version of the run's e2e
+    files: benchmarks/results/codegen-*/torch-<major.minor>."""
+    versions = {json.loads(p.read_text()).get("environment", {}).get("torch") for p in root.rglob("e2e.json")}
+    for version in sorted(v for v in versions if v):
+        found = sorted(RESULTS.glob(f"codegen-*/torch-{'.'.join(version.split('.')[:2])}"))
+        if found:
+            return found[-1]
+    return None
+
+
+def bandwidth_section(root: Path, codegen: Path | None, copy: float | None) -> str:
+    """Per profiled compiled variant (its <model>-<variant>.kernel_times.json), how fast Inductor's kernels moved
+    the bytes Inductor counts for them (benchmarks/kernel_bandwidth.py against `codegen`/<variant>)."""
+    parts = []
+    for times in sorted(root.rglob("*.kernel_times.json")):
+        model, variant = times.name.removesuffix(".kernel_times.json").split("-", 1)
+        if codegen is None or not (codegen / variant / "kernels.json").is_file():
+            continue
+        meta = codegen / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("model") != model:
+            continue
+        rows, unmatched = kernel_bandwidth.join(kernel_bandwidth.load_bytes(codegen / variant),
+                                                kernel_bandwidth.load_times(times, steps=3))
+        if not rows:
+            continue
+        table = kernel_bandwidth.report(rows, unmatched, copy, top=10)
+        parts.append(f"### {times.relative_to(root)}\n\n{table}")
+    if not parts:
+        return ""
+    where = codegen.relative_to(RESULTS.parents[1]) if codegen.is_relative_to(RESULTS.parents[1]) else codegen
+    rate = f"{copy:.0f} GB/s" if copy else "not measured"
+    return (f"\n## How fast Inductor's kernels moved their bytes (benchmarks/kernel_bandwidth.py; bytes from {where}, "
+            f"copy rate {rate}; NOTES §6.9)\n\n" + "\n".join(parts))
+
+
+def report(root: Path, codegen: Path | None = None) -> str:
     e2e, kernels, trainer = e2e_runs(root), kernel_rows(root), trainer_runs(root)
     clocks_path = next(root.rglob("gpu_clocks.csv"), None)
     samples = gpu_clocks.read(clocks_path) if clocks_path else []
@@ -266,6 +315,7 @@ def report(root: Path) -> str:
         head_lines = fallbacks.read_text().split("\nper graph", 1)[0].rstrip()
         parts += ["\n## What Inductor left to eager kernels (benchmarks/inductor_fallbacks.py)\n",
                   "\n".join(f"    {line}" for line in head_lines.splitlines()) + "\n"]
+    parts.append(bandwidth_section(root, codegen or default_codegen(root), copy_gbps(kernels)))
     callers = sum_callers(root)
     if callers:
         parts += ["\n## Who called aten::sum (profiles' .callers.txt; NOTES §6.8: 84 per compiled ViT-B step on "
@@ -280,6 +330,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="gpu_check.tgz or the folder it unpacks to (or any folder holding its files)")
     p.add_argument("--out", default=None, help="also write the report here")
+    p.add_argument("--codegen", default=None, help="inductor_cuda_codegen output for the run's torch (default: the "
+                                                   "newest benchmarks/results/codegen-*/torch-<version>)")
     args = p.parse_args(argv)
     path = Path(args.path)
     if not path.exists():
@@ -294,7 +346,7 @@ def main(argv=None) -> int:
                 (root / "summary.log").write_text(summary.read_text())
         else:
             root = path
-        text = report(root)
+        text = report(root, Path(args.codegen) if args.codegen else None)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

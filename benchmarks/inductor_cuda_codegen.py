@@ -1,9 +1,12 @@
 """Inductor's CUDA code for one MAE training step, generated on a machine without a GPU: the wrapper of each
-compiled graph (forward and backward) as Inductor writes it for an sm_90 card, and the count of its generated
-Triton kernels, library calls and aten fallbacks (benchmarks/inductor_fallbacks.py).
+compiled graph (forward and backward) as Inductor writes it for an sm_90 card, the count of its generated
+Triton kernels, library calls and aten fallbacks (benchmarks/inductor_fallbacks.py), and the bytes Inductor
+counts per scheduled node (bytes.json) and per generated kernel (kernels.json: calls, bytes and profile category
+of each kernel, under the name a GPU profile gives it; benchmarks/kernel_bandwidth.py sets them against one).
 
     python -m benchmarks.inductor_cuda_codegen --model B --out /tmp/codegen      # ref-compiled, fast-compiled
     python -m benchmarks.inductor_cuda_codegen --model tiny --variants all       # every compiled e2e variant
+    python -m benchmarks.inductor_cuda_codegen --model B --precision bf16-pure   # the trainer's bf16 weights mode
 
 Each e2e.py variant is traced as e2e runs it (bf16 autocast, the model's forward compiled whole with
 fullgraph=True, fastmae with masked_only unless the variant says otherwise), on fake cuda tensors
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, fakecuda, inductor_fallbacks  # noqa: E402
+from benchmarks import common, fakecuda, inductor_fallbacks, kernel_bandwidth  # noqa: E402
 from benchmarks.e2e import MODELS, VARIANTS, SdpaBackend, create_variant_model  # noqa: E402
 from fastmae.models import model_config  # noqa: E402
 
@@ -42,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="cuda", choices=["cuda", "triton", "torch"],
                    help="fastmae_kernels backend of fastmae's variants that name none (default cuda: what 'auto' "
                         "chose on the H100 of 2026-11-27; here 'auto' cannot probe a device)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "bf16-pure"],
+                   help="as the trainer's --precision: bf16 = bf16 autocast over fp32 weights (e2e's step, the "
+                        "default); bf16-pure = weights, buffers and images in bf16, no autocast (DeepSpeed's bf16 "
+                        "mode; its variant folders are named <variant>.bf16-pure)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--out", default=None, help="default benchmarks/results/codegen-<model>-<date>")
     p.add_argument("--against", default=None, metavar="DIR",
@@ -99,18 +106,61 @@ def graph_bytes(scheduler) -> dict:
     return {"generated_bytes": generated, "generated_nodes": generated_nodes, "call_bytes": dict(calls)}
 
 
+_kernel_calls: list = []  # (kernel name, bytes) of each generated kernel call of the graph being generated
+
+
+def record_kernel_calls() -> None:
+    """Makes each generated Triton kernel call record its name and Inductor's estimate of the bytes that call reads
+    and writes (`estimate_kernel_num_bytes`, the number Inductor's own bandwidth report divides by: each argument's
+    numel x dtype size, a narrowed buffer's slice only, an in-place buffer twice). Per call: one kernel that
+    Inductor reuses for several sizes is counted at each size."""
+    from torch._inductor.codegen.triton import TritonKernel
+
+    if getattr(TritonKernel.call_kernel, "_records_bytes", False):
+        return
+    original = TritonKernel.call_kernel
+
+    def call_kernel(self, name, *args, **kwargs):
+        try:
+            counted = int(self.estimate_kernel_num_bytes())
+        except Exception:  # a kernel this torch cannot estimate stays in the calls, with no bytes
+            counted = None
+        _kernel_calls.append((name, counted))
+        return original(self, name, *args, **kwargs)
+
+    call_kernel._records_bytes = True
+    TritonKernel.call_kernel = call_kernel
+
+
+def kernel_table(calls: list) -> dict:
+    """{kernel name: {"calls": n, "bytes": bytes of its n calls together, "category": fastmae.profiling's}} of one
+    graph's recorded calls; "bytes" is None when any call of the kernel could not be estimated."""
+    from fastmae.profiling import category
+
+    table: dict = {}
+    for name, counted in calls:
+        row = table.setdefault(name, {"calls": 0, "bytes": 0, "category": category(name)})
+        row["calls"] += 1
+        row["bytes"] = None if counted is None or row["bytes"] is None else row["bytes"] + counted
+    return table
+
+
 def grab_wrappers(store: list) -> None:
-    """Makes GraphLowering keep each graph's generated wrapper (and its byte counts) and stop before loading it
-    (which would compile and load its kernels for a device that is not there)."""
+    """Makes GraphLowering keep each graph's generated wrapper (with its byte counts: per scheduled node, and per
+    kernel call) and stop before loading it (which would compile and load its kernels for a device that is not
+    there)."""
     from torch._inductor.graph import GraphLowering
 
+    record_kernel_calls()
+
     def compile_to_module(self, *args, **kwargs):
+        _kernel_calls.clear()
         code = self.codegen()[0].value
         try:
             counted = graph_bytes(self.scheduler)
         except Exception as e:  # the wrapper is the product; a count this torch cannot give is said, not hidden
             counted = {"error": f"{type(e).__name__}: {e}"}
-        store.append(("backward" if self.is_backward else "forward", code, counted))
+        store.append(("backward" if self.is_backward else "forward", code, counted, kernel_table(_kernel_calls)))
         raise _Grabbed()
 
     GraphLowering.compile_to_module = compile_to_module
@@ -147,10 +197,11 @@ def pretend_backends_run() -> None:
                                                         else probe(name, device))
 
 
-def trace_variant(variant: str, args, out_dir: Path) -> dict:
-    """Traces one e2e variant's compiled step, writes its graphs' wrappers and their byte counts (bytes.json)
-    into `out_dir`, and returns the counts ({wrapper file: graph_bytes}). Raises when the step is not one graph
-    with a forward and a backward (a graph break on CUDA)."""
+def trace_variant(variant: str, args, out_dir: Path) -> tuple[dict, dict]:
+    """Traces one e2e variant's compiled step, writes its graphs' wrappers and their byte counts into `out_dir`
+    (bytes.json: per scheduled node; kernels.json: per generated kernel), and returns both ({wrapper file:
+    graph_bytes}, {wrapper file: kernel_table}). Raises when the step is not one graph with a forward and a
+    backward (a graph break on CUDA)."""
     import torch
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -161,9 +212,12 @@ def trace_variant(variant: str, args, out_dir: Path) -> dict:
     name = MODELS[args.model][0]
     img = model_config(name).get("img_size", 224)
     model = create_variant_model(spec, name, backend=args.backend).to("meta")
+    pure = args.precision == "bf16-pure"
+    if pure:
+        model = model.to(torch.bfloat16)  # what DeepSpeed's bf16 mode does to the module (on meta: no data)
     with fake:
         model = model.to_empty(device="cuda").train()  # parameters as fake cuda tensors
-        imgs = torch.empty(args.batch, 3, img, img, device="cuda")
+        imgs = torch.empty(args.batch, 3, img, img, device="cuda", dtype=torch.bfloat16 if pure else torch.float32)
     if not spec.reference:
         pretend_backends_run()  # then the model's backend stays as given: what resolve_backend chose on the GPU
         model.set_grad_checkpointing(spec.ckpt)
@@ -194,20 +248,22 @@ def trace_variant(variant: str, args, out_dir: Path) -> dict:
         return run
 
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not pure):
         compiled(imgs, args.mask_ratio, **spec.forward_kwargs())
     out_dir.mkdir(parents=True, exist_ok=True)
-    counted = {}
-    for i, (kind, code, graph_counts) in enumerate(wrappers):
+    counted, kernels = {}, {}
+    for i, (kind, code, graph_counts, kernel_rows) in enumerate(wrappers):
         path = out_dir / f"{i:02d}-{kind}.py"
         path.write_text(code)
         counted[path.name] = graph_counts
+        kernels[path.name] = kernel_rows
     (out_dir / "bytes.json").write_text(json.dumps(counted, indent=1) + "\n")
+    (out_dir / "kernels.json").write_text(json.dumps(kernels, indent=1) + "\n")
     kinds = [kind for kind, *_ in wrappers]
     if len(graphs) != 1 or kinds != ["forward", "backward"]:
         raise RuntimeError(f"{variant}: expected one graph with a forward and a backward, got {len(graphs)} "
                            f"graphs and wrappers {kinds}")
-    return counted
+    return counted, kernels
 
 
 def bytes_summary(counted: dict, batch: int) -> str:
@@ -226,17 +282,31 @@ def bytes_summary(counted: dict, batch: int) -> str:
     return "\n".join(lines)
 
 
+def kernel_summary(kernels: dict, batch: int) -> str:
+    """The generated kernels' bytes per step by fastmae.profiling's category (what a profile of the step files
+    their time under), from the per-call estimates of `trace_variant`'s kernel tables."""
+    by_category: dict = {}
+    unestimated = 0
+    for table in kernels.values():
+        for row in table.values():
+            calls, n = by_category.get(row["category"], (0, 0))
+            unestimated += row["bytes"] is None
+            by_category[row["category"]] = (calls + row["calls"], n + (row["bytes"] or 0))
+    total = sum(n for _, n in by_category.values())
+    lines = [f"generated kernels by category, Inductor's estimate per call (kernels.json): {total / 1e9:.2f} GB "
+             f"({total / batch / 1e6:.1f} MB/img)" + (f"; {unestimated} kernels not estimated" if unestimated else "")]
+    lines += [f"  {n / 1e9:8.3f} GB  {calls:5d} calls  {name}"
+              for name, (calls, n) in sorted(by_category.items(), key=lambda kv: -kv[1][1])]
+    return "\n".join(lines)
+
+
 def profile_counts(top_txt: Path) -> dict[str, list[int]]:
-    """Calls of the Inductor kernels in a profile's top-ops table (fastmae.profiling writes <tag>.top.txt):
-    {name as printed: [calls of each kernel printed so]}. The profiler cuts long names to 50 characters and
-    '...', so two kernels can share one printed name; each kernel has two rows (its launch on the CPU, its run
-    on the GPU) with the same count."""
-    rows: dict[str, Counter] = {}
-    for line in Path(top_txt).read_text().splitlines():
-        cells = line.split()
-        if cells and cells[0].startswith("triton_") and cells[-1].isdigit():
-            rows.setdefault(cells[0], Counter())[int(cells[-1])] += 1
-    return {name: sorted(c for c, n in counts.items() for _ in range((n + 1) // 2)) for name, counts in rows.items()}
+    """Calls of the Inductor kernels in a profile's top-ops table: {name as printed: [calls of each kernel printed
+    so]} (kernel_bandwidth.top_table_kernels reads the table)."""
+    counts: dict[str, list[int]] = {}
+    for k in kernel_bandwidth.top_table_kernels(top_txt):
+        counts.setdefault(k["name"], []).append(k["calls"])
+    return {name: sorted(c) for name, c in counts.items()}
 
 
 def compare_with_profile(variant_dir: Path, top_txt: Path, steps: int) -> list[dict]:
@@ -263,26 +333,31 @@ def run_child(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # common.environment's record (its "device" is the faked card's name), as every benchmark keeps
     meta = {**common.environment("cuda"), "model": MODELS[args.model][0], "batch": args.batch,
-            "mask_ratio": args.mask_ratio, "backend": args.backend,
+            "mask_ratio": args.mask_ratio, "backend": args.backend, "precision": args.precision,
             "deviations": ["joint_graph_constant_folding off", "pattern-matcher patterns traced on the CPU"],
             "variants": {}}
     for variant in args.variants:
-        variant_dir = args.out / variant
-        counted = trace_variant(variant, args, variant_dir)
+        variant_dir = args.out / (variant if args.precision == "bf16" else f"{variant}.{args.precision}")
+        counted, kernels = trace_variant(variant, args, variant_dir)
         text = inductor_fallbacks.report(inductor_fallbacks.scan(variant_dir))
         text += "\n" + bytes_summary(counted, args.batch) + "\n"
+        text += "\n" + kernel_summary(kernels, args.batch) + "\n"
         (variant_dir / "summary.txt").write_text(text)
-        meta["variants"][variant] = {"summary": text.splitlines()[0]}
+        meta["variants"][variant_dir.name] = {"summary": text.splitlines()[0]}
         (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # kept as variants finish
         print(f"== {variant} ({MODELS[args.model][0]}, batch {args.batch}) ==\n{text}", flush=True)
         if args.against:
             top = Path(args.against) / f"{MODELS[args.model][0]}-{variant}.top.txt"
+            if not top.is_file():
+                print(f"--against: no profile of {variant} in {args.against} ({top.name}); not compared", flush=True)
+                continue
             rows = compare_with_profile(variant_dir, top, steps=3)
             lines = [f"# Inductor kernels in {top} (3 steps) against the wrappers generated here, calls per step"]
             lines += [f"{'same' if r['same'] else 'DIFF'}  profile {r['profile_per_step']}  generated "
                       f"{r['generated_per_step']}  {r['kernel']}" for r in rows]
             (variant_dir / "against_profile.txt").write_text("\n".join(lines) + "\n")
-            meta["variants"][variant]["against_profile"] = {"kernels": len(rows), "same": sum(r["same"] for r in rows)}
+            same = sum(r["same"] for r in rows)
+            meta["variants"][variant_dir.name]["against_profile"] = {"kernels": len(rows), "same": same}
             print("\n".join(lines), flush=True)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return 0

@@ -120,10 +120,11 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
         {"model": "B", "variant": "fast-compiled", "status": "ok", "batch": 256, "img_s": 256 / 0.054,
          "step_ms": 54.0, "step_ms_p20": 53.9, "step_ms_p80": 54.2}]}))
     (root / "kernels").mkdir()
-    kernel_csv = "shape,op,mode,impl,ms,ms_p20,ms_p80,graph_ms,graph_ms_p20,graph_ms_p80,error\n" + "".join(
-        f"ViT-B/16,add_layer_norm,fwd+bwd,{impl},{ms},{ms * 0.99},{ms * 1.01},{graph},{graph},{graph},\n"
-        for impl, ms, graph in (("torch eager", 1.2, ""), ("torch.compile", 0.5, ""), ("triton", 0.65, 0.45)))
-    kernel_csv += "ViT-B/16,three_ops,fwd+bwd,triton,2.5,2.4,2.6,0.98,0.97,1.03,\n"
+    impls = (("torch eager", 1.2, ""), ("torch.compile", 0.5, ""), ("triton", 0.65, 0.45))
+    kernel_csv = ("shape,op,mode,impl,ms,ms_p20,ms_p80,graph_ms,graph_ms_p20,graph_ms_p80,error,GB/s,frac_copy_bw\n"
+                  + "".join(f"ViT-B/16,add_layer_norm,fwd+bwd,{impl},{ms},{ms * 0.99},{ms * 1.01},{graph},{graph},"
+                            f"{graph},,,\n" for impl, ms, graph in impls))
+    kernel_csv += "ViT-B/16,three_ops,fwd+bwd,triton,2.5,2.4,2.6,0.98,0.97,1.03,,1500.0,0.5\n"  # copy: 3,000 GB/s
     (root / "kernels/kernels_NVIDIA_H200.csv").write_text(kernel_csv)
     (root / "inductor_fallbacks.txt").write_text("2 compiled graphs: 10 generated kernel calls, 4 library calls, "
                                                  "1 aten fallbacks\n\nper graph (...):\n  c1.py: 5 / 2 / 1\n")
@@ -132,11 +133,21 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     (root / "e2e_B/profiles/B-ref-compiled.callers.txt").write_text(
         "# calls per profiled step (3 steps) ...\naten::copy_: 6 per step\n         6  x > aten::addmm\n"
         "aten::sum: 84 per step\n        84  CompiledFunctionBackward > aten::foo\n")
+    # a compiled variant's kernel times, and Inductor's bytes for its kernels (inductor_cuda_codegen's output)
+    kernel = "triton_per_fused_add_native_layer_norm_backward_12"
+    (root / "e2e_B/profiles/mae_vit_base_patch16_dec512d8b-ref-compiled.kernel_times.json").write_text(json.dumps(
+        {kernel: {"calls": 15, "us": 2000.0, "category": "layernorm"},
+         "nvjet_sm90_tst": {"calls": 99, "us": 9000.0, "category": "matmul"}}))
+    codegen = tmp_path / "codegen"
+    (codegen / "ref-compiled").mkdir(parents=True)
+    (codegen / "meta.json").write_text(json.dumps({"model": "mae_vit_base_patch16_dec512d8b"}))
+    (codegen / "ref-compiled/kernels.json").write_text(json.dumps(
+        {"01-backward.py": {kernel: {"calls": 15, "bytes": 5_400_000_000, "category": "layernorm"}}}))
     tgz = tmp_path / "gpu_check.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
         tar.add(root, arcname="gpu_check")
 
-    assert gpu_check_report.main([str(tgz), "--out", str(tmp_path / "report.md")]) == 0
+    assert gpu_check_report.main([str(tgz), "--out", str(tmp_path / "report.md"), "--codegen", str(codegen)]) == 0
     text = (tmp_path / "report.md").read_text()
     rows = {}
     for line in text.splitlines():
@@ -173,3 +184,14 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert "aten::copy_" not in text  # only the sums' block
     assert "no gpu_clocks.csv: clocks unknown" in text  # per-step times were there, the clock log was not
     assert "were written for an H100 80GB HBM3; this card is not one" in text  # the summary names an H200
+    # 5.4 GB in 2 ms per step: 2,700 GB/s, 90% of the kernel benchmark's copy rate
+    assert "copy rate 3000 GB/s" in text and f"| `{kernel}` | 15 | 5.400 | 2.000 | 2700 | 90% |" in text
+
+
+def test_the_committed_codegen_is_found_for_the_runs_torch(tmp_path):
+    (tmp_path / "e2e_B").mkdir()
+    (tmp_path / "e2e_B/e2e.json").write_text(json.dumps({"environment": {"torch": "2.11.0+cu130"}, "rows": []}))
+    found = gpu_check_report.default_codegen(tmp_path)
+    assert found is not None and found.name == "torch-2.11" and (found / "ref-compiled/kernels.json").is_file()
+    (tmp_path / "e2e_B/e2e.json").write_text(json.dumps({"environment": {"torch": "1.13.0"}, "rows": []}))
+    assert gpu_check_report.default_codegen(tmp_path) is None

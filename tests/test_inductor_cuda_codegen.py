@@ -63,6 +63,16 @@ def test_every_compiled_e2e_variant_compiles_to_cuda_code(tmp_path):
         assert "empty_strided_cuda(" in code and "empty_strided_cpu(" not in code
 
     graphs = {v: inductor_fallbacks.scan(out / v) for v in COMPILED}
+    # kernels.json: every generated kernel call of each wrapper, with Inductor's bytes for it and its category
+    for variant in COMPILED:
+        tables = json.loads((out / variant / "kernels.json").read_text())
+        for graph in graphs[variant]:
+            table = tables[graph["file"]]
+            assert {name: row["calls"] for name, row in table.items()} == dict(graph["kernels"]), variant
+            assert all(row["bytes"] > 0 for row in table.values()), variant
+    ref_categories = {row["category"] for t in json.loads((out / "ref-compiled/kernels.json").read_text()).values()
+                      for row in t.values()}
+    assert {"layernorm", "gelu", "reduction"} <= ref_categories
 
     def total(variant: str, kind: str) -> Counter:
         return sum((g[kind] for g in graphs[variant]), Counter())
@@ -86,6 +96,29 @@ def test_every_compiled_e2e_variant_compiles_to_cuda_code(tmp_path):
     # the fused-norm control puts the Triton add + LayerNorm into the compiled graph
     assert any("add_layer_norm" in name for name in total("fast-compiled-fusednorm", "custom"))
     assert any("bias_gelu" in name for name in total("fast-compiled-fusedgelu", "custom"))
+
+
+@pytest.mark.slow
+def test_bf16_pure_moves_fewer_bytes_than_autocast(tmp_path):
+    """--precision bf16-pure (the trainer's DeepSpeed bf16 mode: bf16 weights, no autocast): the same step with a
+    bf16 residual stream, so Inductor's kernels move fewer bytes than under autocast over fp32 weights."""
+    reason = fakecuda.unavailable_reason()
+    if reason:
+        pytest.skip(f"no fake CUDA here: {reason}")
+    totals = {}
+    for precision in ("bf16", "bf16-pure"):
+        out = tmp_path / precision
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.inductor_cuda_codegen", "--model", "tiny",
+                               "--variants", "fast-compiled", "--backend", _fast_backend(), "--precision", precision,
+                               "--out", str(out), "--build-dir", str(tmp_path / "libs")],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        meta = json.loads((out / "meta.json").read_text())
+        folder = "fast-compiled" if precision == "bf16" else "fast-compiled.bf16-pure"
+        assert meta["precision"] == precision and list(meta["variants"]) == [folder]
+        tables = json.loads((out / folder / "kernels.json").read_text())
+        totals[precision] = sum(row["bytes"] for t in tables.values() for row in t.values())
+    assert 0 < totals["bf16-pure"] < totals["bf16"]
 
 
 PROBE = r"""
