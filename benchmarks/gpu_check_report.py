@@ -136,11 +136,15 @@ def _trainer_lines(p: Prediction, runs: dict[str, dict], e2e: dict[str, list[dic
     return [{"where": "trainer", "value": b[0] / a[0], "range": speedup_range(a[1], b[1])}]
 
 
-def prediction_table(e2e: dict, kernels: list[dict], trainer: dict) -> list[dict]:
+def prediction_table(e2e: dict, kernels: list[dict], trainer: dict,
+                     bandwidth: dict[str, dict[str, float]] | None = None) -> list[dict]:
     table = []
     for p in PREDICTIONS:
         if p.kind == "e2e":
             lines = _e2e_lines(p, e2e)
+        elif p.kind == "bandwidth":  # a fraction of the copy rate, from the kernel_bandwidth join
+            frac = (bandwidth or {}).get(p.a, {}).get(p.b)
+            lines = [{"where": p.a.split("/")[0], "value": frac, "range": None}] if frac is not None else []
         elif p.kind == "kernel":
             lines = _kernel_lines(p, kernels)
         elif p.kind == "trainer":
@@ -150,6 +154,8 @@ def prediction_table(e2e: dict, kernels: list[dict], trainer: dict) -> list[dict
             key = {"busy": "busy", "waits": "host_waits_per_step"}[p.kind]
             lines = [{"where": "trainer", "value": summary[key], "range": None}] if summary else []
         what = f"{p.a} / {p.b}" if p.kind not in ("busy", "waits") else f"{p.a} {p.kind}"
+        if p.kind == "bandwidth":
+            what = f"{p.a.split('/')[1]} {p.b} kernels, of copy rate"
         if p.b == "graph_ms":
             what = f"{p.a} graph replay ms"
         predicted = f">= {p.lo:g}" if p.hi == float("inf") else f"{p.lo:g}" if p.lo == p.hi else f"{p.lo:g}-{p.hi:g}"
@@ -258,10 +264,11 @@ def default_codegen(root: Path) -> Path | None:
     return None
 
 
-def bandwidth_section(root: Path, codegen: Path | None, copy: float | None) -> str:
-    """Per profiled compiled variant (its <model>-<variant>.kernel_times.json), how fast Inductor's kernels moved
-    the bytes Inductor counts for them (benchmarks/kernel_bandwidth.py against `codegen`/<variant>)."""
-    parts = []
+def bandwidth_joins(root: Path, codegen: Path | None) -> list[dict]:
+    """Per profiled compiled variant (its <model>-<variant>.kernel_times.json), its kernels' times joined with the
+    bytes Inductor counts for them (benchmarks/kernel_bandwidth.py against `codegen`/<variant>): {"profile", "run"
+    (<e2e folder>/<variant>), "rows", "unmatched"}."""
+    joins = []
     for times in sorted(root.rglob("*.kernel_times.json")):
         model, variant = times.name.removesuffix(".kernel_times.json").split("-", 1)
         if codegen is None or not (codegen / variant / "kernels.json").is_file():
@@ -271,20 +278,36 @@ def bandwidth_section(root: Path, codegen: Path | None, copy: float | None) -> s
             continue
         rows, unmatched = kernel_bandwidth.join(kernel_bandwidth.load_bytes(codegen / variant),
                                                 kernel_bandwidth.load_times(times, steps=3))
-        if not rows:
-            continue
-        table = kernel_bandwidth.report(rows, unmatched, copy, top=10)
-        parts.append(f"### {times.relative_to(root)}\n\n{table}")
-    if not parts:
+        if rows:
+            joins.append({"profile": times.relative_to(root), "run": f"{times.parent.parent.name}/{variant}",
+                          "rows": rows, "unmatched": unmatched})
+    return joins
+
+
+def bandwidth_fractions(joins: list[dict], copy: float | None) -> dict[str, dict[str, float]]:
+    """{run: {category: its Inductor kernels' GB/s as a fraction of the copy rate}} (the "bandwidth" predictions)."""
+    if not copy:
+        return {}
+    return {j["run"]: {cat: t["gbps"] / copy for cat, t in kernel_bandwidth.by_category(j["rows"]).items()}
+            for j in joins}
+
+
+def bandwidth_section(joins: list[dict], codegen: Path | None, copy: float | None) -> str:
+    if not joins:
         return ""
     where = codegen.relative_to(RESULTS.parents[1]) if codegen.is_relative_to(RESULTS.parents[1]) else codegen
     rate = f"{copy:.0f} GB/s" if copy else "not measured"
+    parts = [f"### {j['profile']}\n\n" + kernel_bandwidth.report(j["rows"], j["unmatched"], copy, top=10)
+             for j in joins]
     return (f"\n## How fast Inductor's kernels moved their bytes (benchmarks/kernel_bandwidth.py; bytes from {where}, "
             f"copy rate {rate}; NOTES §6.9)\n\n" + "\n".join(parts))
 
 
 def report(root: Path, codegen: Path | None = None) -> str:
     e2e, kernels, trainer = e2e_runs(root), kernel_rows(root), trainer_runs(root)
+    codegen = codegen or default_codegen(root)
+    copy = copy_gbps(kernels)
+    joins = bandwidth_joins(root, codegen)
     clocks_path = next(root.rglob("gpu_clocks.csv"), None)
     samples = gpu_clocks.read(clocks_path) if clocks_path else []
     summary_log = next(root.rglob("summary.log"), None)
@@ -296,7 +319,7 @@ def report(root: Path, codegen: Path | None = None) -> str:
              "## Predictions (benchmarks/predictions.py; reasoning in benchmarks/NOTES.md)\n",
              "Speed-up of a over b, measured in one run, with [lo, hi] at the two rows' opposite ends of their "
              "measured times; a prediction is met when the whole range lies inside it.\n",
-             markdown_table(prediction_table(e2e, kernels, trainer),
+             markdown_table(prediction_table(e2e, kernels, trainer, bandwidth_fractions(joins, copy)),
                             ["NOTES", "model", "what", "run", "predicted", "measured", "verdict", "why"])]
     spreads = spread_table(e2e)
     if spreads:
@@ -315,7 +338,7 @@ def report(root: Path, codegen: Path | None = None) -> str:
         head_lines = fallbacks.read_text().split("\nper graph", 1)[0].rstrip()
         parts += ["\n## What Inductor left to eager kernels (benchmarks/inductor_fallbacks.py)\n",
                   "\n".join(f"    {line}" for line in head_lines.splitlines()) + "\n"]
-    parts.append(bandwidth_section(root, codegen or default_codegen(root), copy_gbps(kernels)))
+    parts.append(bandwidth_section(joins, codegen, copy))
     callers = sum_callers(root)
     if callers:
         parts += ["\n## Who called aten::sum (profiles' .callers.txt; NOTES §6.8: 84 per compiled ViT-B step on "

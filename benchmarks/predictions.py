@@ -11,7 +11,10 @@ kind:
              run against an e2e variant (`b` = "e2e:<folder>/<variant>");
 - "busy":    a trainer run's kernel time / wall time per step from its `--profile_steps` summary;
 - "waits":   the same summary's host waits for the device per profiled step (explicit synchronize() calls and,
-             on CUDA, synchronizing tensor ops: fastmae/train/host_waits.py).
+             on CUDA, synchronizing tensor ops: fastmae/train/host_waits.py);
+- "bandwidth": the Inductor kernels of profile category `b` in e2e run `a` ("<folder>/<variant>"): their bytes
+             (Inductor's count, from the committed codegen of the run's torch) per second of their profiled time,
+             as a fraction of the kernel benchmark's measured copy rate (benchmarks/kernel_bandwidth.py).
 """
 
 from dataclasses import dataclass
@@ -84,6 +87,15 @@ PREDICTIONS = [
                "DeepSpeed's throughput timer puts back 2 device waits per step"),
     Prediction("6.3", "trainer", "B", "pretrain_B_z2_compiled_bf16-pure", "pretrain_B_z2_compiled_bf16", 1.03, 1.10,
                "a bf16 residual stream: fewer LayerNorm, GELU and residual bytes"),
+    # §6.9: fastmae's compiled step's Inductor kernels, as fast as the reference's were on 2026-11-27's H100
+    Prediction("6.9", "bandwidth", "B", "e2e_B/fast-compiled", "layernorm", 0.85, 0.95,
+               "the reference's LayerNorm kernels ran at 92% of copy on the H100"),
+    Prediction("6.9", "bandwidth", "B", "e2e_B/fast-compiled", "gelu", 0.85, 0.95,
+               "the reference's GELU kernels ran at 92% of copy on the H100"),
+    Prediction("6.9", "bandwidth", "B", "e2e_B/fast-compiled", "reduction", 0.75, 0.85,
+               "the reference's reductions ran at 79% of copy (its 84 aten sums left out)"),
+    Prediction("6.9", "bandwidth", "B", "e2e_B/fast-compiled", "masking/gather/copy", 0.75, 0.85,
+               "the reference's casts and copies ran at 78% of copy"),
 ]
 
 # §6.2: a variant's round medians should agree within this (max - min) / median

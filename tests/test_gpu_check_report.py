@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import e2e, gpu_check_report, gpu_clocks  # noqa: E402
 from benchmarks.kernels.cases import SMOKE_SHAPES, make_cases, make_inputs  # noqa: E402
 from benchmarks.predictions import PREDICTIONS  # noqa: E402
+from fastmae.profiling import CATEGORIES  # noqa: E402
 
 CLOCK_HEADER = ("timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], temperature.gpu, "
                 "utilization.gpu [%], clocks_event_reasons.active\n")
@@ -40,6 +41,12 @@ def test_predictions_name_what_the_check_measures():
             op, impl, mode = p.a.split("/")
             assert op in kernel_ops and impl in ("triton", "cuda") and mode in ("fwd", "fwd+bwd"), p
             assert p.b in ("torch eager", "torch.compile", "graph_ms"), p
+        elif p.kind == "bandwidth":  # a profiled e2e stage of the script, and a committed codegen of its variant
+            folder, variant = p.a.split("/")
+            stage = next(line for line in script.splitlines() if f'"$WORK/{folder}"' in line)
+            assert "--profile" in stage and variant in e2e.VARIANTS, p
+            assert p.b in {label for label, _ in CATEGORIES}, p
+            assert list(gpu_check_report.RESULTS.glob(f"codegen-*/torch-*/{variant}/kernels.json")), p
         else:
             runs = [p.a] + ([p.b] if p.b and not p.b.startswith("e2e:") else [])
             for run in runs:  # trainer stages are named in the script (the bf16 pair through a loop variable)
@@ -47,7 +54,7 @@ def test_predictions_name_what_the_check_measures():
             if p.b.startswith("e2e:"):
                 folder, variant = p.b[4:].split("/")
                 assert f'"$WORK/{folder}"' in script and variant in e2e.VARIANTS, p
-        assert p.lo <= p.hi and p.kind in ("e2e", "kernel", "trainer", "busy", "waits"), p
+        assert p.lo <= p.hi and p.kind in ("e2e", "kernel", "trainer", "busy", "waits", "bandwidth"), p
 
 
 @pytest.mark.parametrize("value, rng, expected", [
@@ -135,13 +142,13 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
         "aten::sum: 84 per step\n        84  CompiledFunctionBackward > aten::foo\n")
     # a compiled variant's kernel times, and Inductor's bytes for its kernels (inductor_cuda_codegen's output)
     kernel = "triton_per_fused_add_native_layer_norm_backward_12"
-    (root / "e2e_B/profiles/mae_vit_base_patch16_dec512d8b-ref-compiled.kernel_times.json").write_text(json.dumps(
+    (root / "e2e_B/profiles/mae_vit_base_patch16_dec512d8b-fast-compiled.kernel_times.json").write_text(json.dumps(
         {kernel: {"calls": 15, "us": 2000.0, "category": "layernorm"},
          "nvjet_sm90_tst": {"calls": 99, "us": 9000.0, "category": "matmul"}}))
     codegen = tmp_path / "codegen"
-    (codegen / "ref-compiled").mkdir(parents=True)
+    (codegen / "fast-compiled").mkdir(parents=True)
     (codegen / "meta.json").write_text(json.dumps({"model": "mae_vit_base_patch16_dec512d8b"}))
-    (codegen / "ref-compiled/kernels.json").write_text(json.dumps(
+    (codegen / "fast-compiled/kernels.json").write_text(json.dumps(
         {"01-backward.py": {kernel: {"calls": 15, "bytes": 5_400_000_000, "category": "layernorm"}}}))
     tgz = tmp_path / "gpu_check.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
@@ -186,6 +193,9 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert "were written for an H100 80GB HBM3; this card is not one" in text  # the summary names an H200
     # 5.4 GB in 2 ms per step: 2,700 GB/s, 90% of the kernel benchmark's copy rate
     assert "copy rate 3000 GB/s" in text and f"| `{kernel}` | 15 | 5.400 | 2.000 | 2700 | 90% |" in text
+    (cells,) = rows["fast-compiled layernorm kernels, of copy rate"]  # §6.9: predicted 0.85-0.95
+    assert (cells[3], cells[5], cells[6]) == ("e2e_B", "0.900", "as predicted (one value, no range)")
+    assert rows["fast-compiled gelu kernels, of copy rate"][0][6] == "not measured"  # no GELU kernel profiled
 
 
 def test_the_committed_codegen_is_found_for_the_runs_torch(tmp_path):
