@@ -20,6 +20,11 @@ CALL = re.compile(r"\b(extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.
 KERNEL = re.compile(r"\b((?:triton|cpp)_\w+)(?:\.run)?\(")
 SOURCE = re.compile(r"#\s*Topologically Sorted Source Nodes: \[(.*?)\], Original ATen: \[(.*?)\]")
 NOT_WORK = ("torch.ops.inductor._alloc_from_pool", "torch.ops.aten.set_", "aten.set_")  # memory plumbing
+# A reduction the wrapper runs as a tensor method, e.g. `buf57 = workspace_2[...].view(1576, 512).sum(dim=0)`:
+# the last stage of a "mix order reduction" (torch >= 2.10: a LayerNorm backward's weight and bias gradients are
+# summed per block of rows inside its Triton kernel, and the rows of partial sums are added up by eager torch).
+# Each is one aten reduction launch on the GPU (NOTES §6.9: the 84 `aten::sum` of the compiled ViT-B step).
+TENSOR_REDUCE = re.compile(r"\)\.(sum|amax|amin|prod|mean)\(dim=")
 
 
 def _code_lines(lines: list[str]) -> list[bool]:
@@ -69,6 +74,11 @@ def scan_file(path: Path) -> dict | None:
             else:
                 fallbacks[short] += 1
                 sources.setdefault(short, f"after kernel {last_kernel or '-'}; last source comment [{last_source}]")
+        for op in TENSOR_REDUCE.findall(stripped):
+            short = f"Tensor.{op}"
+            fallbacks[short] += 1
+            sources.setdefault(short, f"a tensor method in the wrapper, after kernel {last_kernel or '-'} "
+                                      f"(a mix order reduction's last stage); last source comment [{last_source}]")
     return {"file": path.name, "kernels": kernels, "library": library, "fallbacks": fallbacks, "custom": custom,
             "sources": sources}
 

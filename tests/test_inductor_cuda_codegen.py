@@ -86,7 +86,8 @@ def test_every_compiled_e2e_variant_compiles_to_cuda_code(tmp_path):
     ref = total("ref-compiled", "library")
     assert ref["extern_kernels.addmm"] == n_linear and ref["extern_kernels.mm"] == 2 * n_linear
     assert any("cudnn_attention" in name for name in ref)  # SDPA picks cuDNN on sm_90 in these versions
-    assert not any(name.startswith("aten.sum") for name in total("ref-compiled", "fallbacks"))  # NOTES §6.8
+    # no aten.sum op (the mix-order LayerNorm backwards of larger models finish with Tensor.sum: NOTES §6.10)
+    assert not any(name.startswith("aten.sum") for name in total("ref-compiled", "fallbacks"))
     # fastmae: its MAE ops are opaque custom ops on the chosen backend, torch ops when the variant says so
     assert {f"fastmae_{backend}.masked_mse_loss.default",
             f"fastmae_{backend}.insert_mask_tokens_backward.default"} <= set(total("fast-compiled", "custom"))

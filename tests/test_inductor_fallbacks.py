@@ -90,3 +90,24 @@ def test_kernel_sources_embedded_in_the_wrapper_are_not_its_call(tmp_path):
     (graph,) = inductor_fallbacks.scan(tmp_path)
     assert graph["kernels"] == {"triton_poi_fused_add_0": 2} and graph["library"] == {"extern_kernels.mm": 1}
     assert not graph["fallbacks"]  # the aten.sum sits in the kernel's source string, not in the wrapper's call
+
+
+def test_a_mix_order_reductions_last_stage_counts_as_a_fallback(tmp_path):
+    """torch 2.11 finishes a LayerNorm backward's weight/bias gradients (partial sums per row block, written by the
+    fused Triton kernel into a workspace) with a tensor method in the wrapper: one eager reduction each."""
+    (tmp_path / "wrapper.py").write_text(textwrap.dedent("""
+        class Runner:
+            def call(self, args):
+                # Call mix order reduction kernel
+                # Topologically Sorted Source Nodes: [sum_16, sum_17], Original ATen: [aten.native_layer_norm_backward]
+                workspace_2 = empty_strided_cuda((1613824, ), (1, ), torch.float32)
+                triton_per_fused_native_layer_norm_backward_21.run(buf49, workspace_2, 50432, 512, stream=stream0)
+                buf57 = workspace_2[0 * 1576 * 512 : (0 + 1) * 1576 * 512].view(1576, 512).sum(dim=0)
+                buf59 = workspace_2[1 * 1576 * 512 : (1 + 1) * 1576 * 512].view(1576, 512).sum(dim=0).to(torch.bfloat16)
+                buf60 = reinterpret_tensor(buf57, (512, ), (1, ), 0)
+                return (buf57, buf59)
+    """))
+    (graph,) = inductor_fallbacks.scan(tmp_path)
+    assert graph["kernels"] == {"triton_per_fused_native_layer_norm_backward_21": 1}
+    assert graph["fallbacks"] == {"Tensor.sum": 2}
+    assert "after kernel triton_per_fused_native_layer_norm_backward_21" in graph["sources"]["Tensor.sum"]
