@@ -341,8 +341,8 @@ def report(root: Path, codegen: Path | None = None) -> str:
     parts.append(bandwidth_section(joins, codegen, copy))
     callers = sum_callers(root)
     if callers:
-        parts += ["\n## Who called aten::sum (profiles' .callers.txt; NOTES §6.8: 84 per compiled ViT-B step on "
-                  "2026-11-27, none in Inductor's own code)\n", callers]
+        parts += ["\n## Who called aten::sum (profiles' .callers.txt; NOTES §6.10: 84 per compiled ViT-B step on "
+                  "2026-11-27, the last stage of Inductor's mix-order LayerNorm backwards)\n", callers]
     if summary_log:
         stages = [line for line in summary_log.read_text().splitlines() if " end " in line or " skip " in line]
         parts += ["\n## Stages (summary.log)\n", "\n".join(f"    {line}" for line in stages) + "\n"]
