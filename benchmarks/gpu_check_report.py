@@ -270,7 +270,10 @@ def bandwidth_joins(root: Path, codegen: Path | None) -> list[dict]:
     (<e2e folder>/<variant>), "rows", "unmatched"}."""
     joins = []
     for times in sorted(root.rglob("*.kernel_times.json")):
-        model, variant = times.name.removesuffix(".kernel_times.json").split("-", 1)
+        tag = times.name.removesuffix(".kernel_times.json")
+        if "-" not in tag:  # the trainer's own profile ("trainer"): no e2e variant to look up
+            continue
+        model, variant = tag.split("-", 1)
         if codegen is None or not (codegen / variant / "kernels.json").is_file():
             continue
         meta = codegen / "meta.json"

@@ -145,6 +145,9 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     (root / "e2e_B/profiles/mae_vit_base_patch16_dec512d8b-fast-compiled.kernel_times.json").write_text(json.dumps(
         {kernel: {"calls": 15, "us": 2000.0, "category": "layernorm"},
          "nvjet_sm90_tst": {"calls": 99, "us": 9000.0, "category": "matmul"}}))
+    (root / "pretrain_B_compiled/profile").mkdir(parents=True, exist_ok=True)  # the trainer's own: no variant
+    (root / "pretrain_B_compiled/profile/trainer.kernel_times.json").write_text(json.dumps(
+        {kernel: {"calls": 15, "us": 1000.0, "category": "layernorm"}}))
     codegen = tmp_path / "codegen"
     (codegen / "fast-compiled").mkdir(parents=True)
     (codegen / "meta.json").write_text(json.dumps({"model": "mae_vit_base_patch16_dec512d8b"}))
