@@ -70,18 +70,17 @@ def load_times(profile: Path, steps: int) -> dict[str, dict]:
 
 
 def join(counted: dict[str, dict], times: dict[str, dict]) -> tuple[list[dict], list[str]]:
-    """One row per profiled kernel that the codegen has under the same name ("..."-cut names: the generated kernel
-    with that prefix and the same calls per step, if exactly one has them); and the profiled Inductor kernels
-    that matched none."""
+    """One row per profiled kernel that the codegen has under the same name and with the same calls per step
+    ("..."-cut names: the generated kernel with that prefix and those calls, if exactly one has them); and the
+    profiled Inductor kernels that matched none (another graph, or another torch version)."""
     rows, unmatched = [], []
     for key, t in times.items():
         printed = key.split("#")[0]
-        if printed in counted:
-            names = [printed]
-        elif printed.endswith("..."):
-            names = [n for n, c in counted.items() if n.startswith(printed[:-3]) and c["calls"] == t["calls"]]
+        if printed.endswith("..."):
+            candidates = [n for n in counted if n.startswith(printed[:-3])]
         else:
-            names = []
+            candidates = [printed] if printed in counted else []
+        names = [n for n in candidates if abs(counted[n]["calls"] - t["calls"]) < 1e-6]
         if len(names) != 1 or counted[names[0]]["bytes"] is None:
             if printed.startswith("triton_"):
                 unmatched.append(printed)
