@@ -7,7 +7,8 @@ carries the same name: NOTES §6.8 checked the names against an H100 profile).
         --profile <profiles>/mae_vit_base_patch16_dec512d8b-ref-compiled.kernel_times.json --copy-gbps 3000
 
 A profile's `<tag>.kernel_times.json` lists every kernel; an older profile's `<tag>.top.txt` only its top 40
-(names cut to 50 characters: a cut name is matched by its calls per step). Per kernel and per category it prints
+(names cut to 50 characters). A kernel matches by name and calls per step (a cut name: the one generated kernel
+with that prefix and those calls); the rest are listed as unmatched. Per kernel and per category it prints
 GB per step, ms per step and the rate, with `--copy-gbps` (the card's measured device-to-device copy rate) also
 the fraction of it. A kernel near the copy rate can only get faster by moving fewer bytes (fusion); one far below
 has headroom in the kernel itself.
