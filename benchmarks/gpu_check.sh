@@ -49,6 +49,9 @@ TZ=UTC nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperat
 SAMPLER=$!
 trap 'kill "$SAMPLER" 2>/dev/null' EXIT
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" | tee -a "$DEST/summary.log"
+# The card's copy rate (a 1 GiB device copy, as the kernel benchmark measures it; seconds): the report divides the
+# compiled steps' kernel rates by it (NOTES §6.9) even when the kernel stage, the last, is cut by the budget.
+timeout 60 python -c "import json, torch; from benchmarks.kernels.timing import copy_bandwidth; print(json.dumps({'copy_gbps': copy_bandwidth(torch.device('cuda'), smoke=False), 'card': torch.cuda.get_device_name()}))" >"$WORK/copy_bandwidth.json" 2>>"$DEST/summary.log"
 
 # Order = what the next GPU session most needs to learn (2026-11-28: kernels and tests passed on an H100
 # already; the trainer never ran on a GPU; --precision bf16 became autocast over fp32 weights, the e2e

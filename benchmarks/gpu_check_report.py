@@ -241,8 +241,9 @@ def sum_callers(root: Path, op: str = "aten::sum") -> str:
     return "\n".join(blocks) + "\n" if blocks else ""
 
 
-def copy_gbps(kernels: list[dict]) -> float | None:
-    """The card's copy rate as the kernel benchmark measured it (each row's GB/s over its fraction of it)."""
+def copy_gbps(root: Path, kernels: list[dict]) -> float | None:
+    """The card's copy rate: as the kernel benchmark measured it (each row's GB/s over its fraction of it), else
+    the same 1 GiB copy that gpu_check.sh times at its start (copy_bandwidth.json)."""
     for r in kernels:
         try:
             gbps, frac = float(r["GB/s"]), float(r["frac_copy_bw"])
@@ -250,6 +251,11 @@ def copy_gbps(kernels: list[dict]) -> float | None:
             continue
         if gbps > 0 and frac > 0:
             return gbps / frac
+    for path in root.rglob("copy_bandwidth.json"):
+        try:
+            return float(json.loads(path.read_text())["copy_gbps"])
+        except (ValueError, KeyError, TypeError):  # an empty or cut file: the copy did not finish
+            continue
     return None
 
 
@@ -309,7 +315,7 @@ def bandwidth_section(joins: list[dict], codegen: Path | None, copy: float | Non
 def report(root: Path, codegen: Path | None = None) -> str:
     e2e, kernels, trainer = e2e_runs(root), kernel_rows(root), trainer_runs(root)
     codegen = codegen or default_codegen(root)
-    copy = copy_gbps(kernels)
+    copy = copy_gbps(root, kernels)
     joins = bandwidth_joins(root, codegen)
     clocks_path = next(root.rglob("gpu_clocks.csv"), None)
     samples = gpu_clocks.read(clocks_path) if clocks_path else []

@@ -201,6 +201,16 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert rows["fast-compiled gelu kernels, of copy rate"][0][6] == "not measured"  # no GELU kernel profiled
 
 
+def test_the_copy_rate_comes_from_the_kernel_rows_or_the_checks_own_copy(tmp_path):
+    rows = [{"GB/s": "", "frac_copy_bw": ""}, {"GB/s": "1500.0", "frac_copy_bw": "0.5"}]
+    assert gpu_check_report.copy_gbps(tmp_path, rows) == pytest.approx(3000.0)
+    assert gpu_check_report.copy_gbps(tmp_path, []) is None
+    (tmp_path / "copy_bandwidth.json").write_text("")  # the copy was cut short
+    assert gpu_check_report.copy_gbps(tmp_path, []) is None
+    (tmp_path / "copy_bandwidth.json").write_text(json.dumps({"copy_gbps": 4312.5, "card": "NVIDIA H200"}))
+    assert gpu_check_report.copy_gbps(tmp_path, []) == pytest.approx(4312.5)  # the kernel stage was cut
+
+
 def test_the_committed_codegen_is_found_for_the_runs_torch(tmp_path):
     (tmp_path / "e2e_B").mkdir()
     (tmp_path / "e2e_B/e2e.json").write_text(json.dumps({"environment": {"torch": "2.11.0+cu130"}, "rows": []}))

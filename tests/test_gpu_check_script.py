@@ -53,5 +53,8 @@ def test_the_test_files_and_kernel_shapes_it_names_exist():
     script = (REPO / "benchmarks/gpu_check.sh").read_text()
     named = set(re.findall(r"tests/[\w/]+\.py", script))
     assert len(named) >= 6 and all((REPO / path).is_file() for path in named), sorted(named)
+    from benchmarks.kernels import timing  # the copy rate the check times first, for the report's kernel rates
+
+    assert "from benchmarks.kernels.timing import copy_bandwidth" in script and callable(timing.copy_bandwidth)
     shapes = re.findall(r"benchmarks\.kernels\.run --shapes (\S+)", script)
     assert shapes and set(",".join(shapes).split(",")) <= {s.name for s in GPU_SHAPES}, shapes
