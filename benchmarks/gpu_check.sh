@@ -134,13 +134,15 @@ fi
 TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
 
 # 6. The remaining controls that split fastmae's gain (NOTES §6.2), and the fused norm and GELU kernels inside
-#    the compiled graph against Inductor's own fusion (NOTES §6.5, §6.6: 0.97-1.03x, 0.98-1.02x);
+#    the compiled graph against Inductor's own fusion (NOTES §6.10: 0.98-1.05x, the fused norm also needing 42
+#    eager sums fewer; §6.6: 0.98-1.02x);
 #    fast-compiled-torchops (predicted 0.98-1.02x) left out for time.
 TAIL=18 stage e2e_B_controls 270 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B_controls" \
   --variants fast-compiled,ref-compiled-fusedadamw,fast-compiled-flash,fast-compiled-fusednorm,fast-compiled-fusedgelu
 
 # What Inductor left to eager kernels in every graph compiled so far (its cache's wrappers, read in seconds, before
-# the stages the budget may cut): the 2026-11-27 compiled step ran 84 aten::sum kernels per step (NOTES §6.7).
+# the stages the budget may cut): the 2026-11-27 compiled step ran 84 aten::sum kernels per step, the last stage of
+# Inductor's mix-order LayerNorm backwards (NOTES §6.10; counted as Tensor.sum).
 timeout 20 python benchmarks/inductor_fallbacks.py --out "$WORK/inductor_fallbacks.txt" >/dev/null 2>&1
 pack
 
