@@ -37,7 +37,8 @@ def load_bytes(variant_dir: Path) -> dict[str, dict]:
     return merged
 
 
-def _ms(text: str) -> float:
+def to_ms(text: str) -> float:
+    """A profiler table's time cell ("5.682ms", "13.452us") in milliseconds."""
     value, unit = re.fullmatch(r"([\d.]+)(ms|us|s)", text).groups()
     return float(value) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[unit]
 
@@ -51,7 +52,7 @@ def top_table_kernels(top_txt: Path) -> list[dict]:
     for line in Path(top_txt).read_text().splitlines():
         cells = line.split()
         if cells and cells[0].startswith("triton_") and cells[-1].isdigit():
-            rows[(cells[0], int(cells[-1]), _ms(cells[-5]))] += 1  # name, calls, self CUDA
+            rows[(cells[0], int(cells[-1]), to_ms(cells[-5]))] += 1  # name, calls, self CUDA
     return [{"name": name, "calls": calls, "ms": ms} for (name, calls, ms), n in rows.items()
             for _ in range((n + 1) // 2)]
 
