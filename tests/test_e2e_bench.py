@@ -268,6 +268,16 @@ def test_h100_breakdown_recomputes_from_the_committed_profiles():
     assert "| 59.51 | 57.92 | 97% | 7.82 | 22.62 |" in rows["ref-compiled"]
 
 
+def test_h100_kernel_rates_recompute_from_the_committed_profiles_and_codegen():
+    """NOTES §6.9's rates (the 2026-11-27 profile's kernel times over the torch 2.11 codegen's bytes) are what the
+    committed files give: the script's --check compares its output with the committed bandwidth.txt."""
+    script = REPO / "benchmarks/results/h100-20261127/recompute_bandwidth.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = (script.parent / "bandwidth.txt").read_text()
+    assert "| layernorm | 20.22 | 7.33 | 0.00 | 2759 | 92% |" in text and "| together | 50.28 | 18.78 |" in text
+
+
 def test_gpu_check_names_only_known_models_and_variants():
     """A typo in the prepared GPU script would cost a stage of scarce device time: every --models and
     --variants list it passes to e2e.py must name entries e2e.py knows."""

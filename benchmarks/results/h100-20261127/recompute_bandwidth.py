@@ -5,7 +5,8 @@ table) against Inductor's byte count of the same kernels, generated on a CPU for
 names and calls per step are this run's). The copy rate is the one this run's kernel benchmark measured (1 GiB
 device copy). Output: bandwidth.txt beside this file.
 
-    python benchmarks/results/h100-20261127/recompute_bandwidth.py
+    python benchmarks/results/h100-20261127/recompute_bandwidth.py            # prints it, writes bandwidth.txt
+    python benchmarks/results/h100-20261127/recompute_bandwidth.py --check    # exit 1 if bandwidth.txt differs
 """
 
 import sys
@@ -35,7 +36,7 @@ def not_generated_ms() -> dict[str, float]:
     return {"reduction": kernel_bandwidth.to_ms(self_cuda) / STEPS}
 
 
-def main() -> None:
+def table() -> str:
     _, rows = breakdown()
     per_kind = next(r[3] for r in rows if r[0] == VARIANT)
     counted = kernel_bandwidth.load_bytes(CODEGEN)
@@ -62,10 +63,17 @@ def main() -> None:
               "## The Inductor kernels the top-40 table names (exact rates)", ""]
     joined, unmatched = kernel_bandwidth.join(counted, kernel_bandwidth.load_times(TOP, STEPS))
     lines.append(kernel_bandwidth.report(joined, unmatched, COPY_GBPS).split("\n\n", 1)[1])
-    text = "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = table()
+    if "--check" in argv:  # the committed file is what the committed profiles and codegen give
+        return 0 if (HERE / "bandwidth.txt").read_text() == text else 1
     (HERE / "bandwidth.txt").write_text(text)
     print(text, end="")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
