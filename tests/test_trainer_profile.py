@@ -19,8 +19,8 @@ def test_profile_steps_writes_a_measured_summary(tmp_path):
                        "--profile_steps", "2", "--output_dir", str(out)], 1, tmp_dir=str(tmp_path), timeout=300)
     assert code == 0, log[-3000:]
     prof = out / "profile"
-    assert {"trainer.top.txt", "trainer.categories.json", "trainer.kernels.json", "trainer.summary.json"} <= set(
-        os.listdir(prof))
+    assert {"trainer.top.txt", "trainer.categories.json", "trainer.kernels.json", "trainer.kernel_times.json",
+            "trainer.summary.json"} <= set(os.listdir(prof))
     summary = json.loads((prof / "trainer.summary.json").read_text())
     assert summary["steps"] == 2 and summary["after_warmup_steps"] == WARMUP_STEPS
     assert summary["wall_ms_per_step"] > summary["kernel_ms_per_step"] > 0  # the host does more than aten ops
