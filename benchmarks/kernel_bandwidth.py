@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--copy-gbps", type=float, default=None, help="the card's measured copy rate, GB/s")
     p.add_argument("--out", default=None, help="also write the tables here")
     args = p.parse_args(argv)
+    if args.steps < 1 or (args.copy_gbps is not None and args.copy_gbps <= 0):
+        p.error("--steps must be >= 1 and --copy-gbps > 0")
     if not (Path(args.codegen) / "kernels.json").is_file():
         p.error(f"{args.codegen} has no kernels.json (run benchmarks/inductor_cuda_codegen.py)")
     if not Path(args.profile).is_file():

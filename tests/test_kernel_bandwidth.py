@@ -86,6 +86,9 @@ def test_main_says_what_is_missing(tmp_path, capsys):
         kb.main(["--codegen", str(tmp_path), "--profile", str(tmp_path / "none.json")])
     assert "has no kernels.json" in capsys.readouterr().err
     gen = write_codegen(tmp_path / "gen")
+    with pytest.raises(SystemExit):
+        kb.main(["--codegen", str(gen), "--profile", str(gen / "kernels.json"), "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
     other = tmp_path / "other.kernel_times.json"
     other.write_text(json.dumps({"triton_poi_fused_sin_1": {"calls": 1, "us": 1.0, "category": "elementwise"}}))
     assert kb.main(["--codegen", str(gen), "--profile", str(other)]) == 1
