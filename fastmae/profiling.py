@@ -70,9 +70,7 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
         prof.export_chrome_trace(str(out_dir / f"{tag}.trace.json"))
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     (out_dir / f"{tag}.top.txt").write_text(prof.key_averages().table(sort_by=sort_key, row_limit=40))
-    totals: dict[str, float] = defaultdict(float)
-    kernels: dict[str, list] = defaultdict(list)
-    times: dict[str, dict] = {}
+    times: dict[str, list] = {}  # kernel (on CPU: aten op) -> [calls, time] over the profiled steps
     spans: dict[str, float] = {}
     for event in prof.key_averages():
         if device.type == "cuda":
@@ -89,9 +87,14 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
             t = event.self_cpu_time_total
             if not event.key.startswith("aten::") or t <= 0:
                 continue
-        totals[category(event.key)] += t
-        kernels[category(event.key)].append((event.key, t))
-        times[event.key] = {"calls": event.count / steps, "us": round(t / steps, 3), "category": category(event.key)}
+        entry = times.setdefault(event.key, [0, 0.0])
+        entry[0] += event.count
+        entry[1] += t
+    totals: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list] = defaultdict(list)
+    for name, (_, t) in times.items():
+        totals[category(name)] += t
+        kernels[category(name)].append((name, t))
     total = sum(totals.values()) or 1.0
     shares = {k: v / total for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     (out_dir / f"{tag}.categories.json").write_text(json.dumps(shares, indent=2) + "\n")
@@ -101,7 +104,8 @@ def summarize(prof, device: torch.device, steps: int, out_dir: Path, tag: str, t
     (out_dir / f"{tag}.kernels.json").write_text(json.dumps(top, indent=2) + "\n")
     # every kernel under its full name (the top table cuts names to 50 characters), per profiled step: what
     # benchmarks/kernel_bandwidth.py sets against Inductor's byte count of the same kernels
-    by_time = dict(sorted(times.items(), key=lambda kv: -kv[1]["us"]))
+    by_time = {name: {"calls": calls / steps, "us": round(t / steps, 3), "category": category(name)}
+               for name, (calls, t) in sorted(times.items(), key=lambda kv: -kv[1][1])}
     (out_dir / f"{tag}.kernel_times.json").write_text(json.dumps(by_time, indent=1) + "\n")
     (out_dir / f"{tag}.callers.txt").write_text(format_callers(op_callers(prof.events()), steps))
     return {"shares": shares, "device_ms_per_step": sum(totals.values()) / steps / 1e3, "annotation_spans_ms": spans}
