@@ -11,16 +11,16 @@ optimizer's kernels = its ms minus the annotation. The kinds then add up to torc
 
 import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root, for benchmarks.*
+
+from benchmarks.kernel_bandwidth import to_ms as ms  # noqa: E402  (a profiler table's time cell, in ms)
 
 HERE = Path(__file__).parent / "e2e_B" / "profiles"
 STEPS = 3  # profiled steps per variant
 STEP_MS = {r["variant"]: r["step_ms"] for r in json.loads((HERE.parent / "e2e.json").read_text())["rows"]}
-
-
-def ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(ms|us|s)", text).groups()
-    return float(value) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[unit]
 
 
 def breakdown() -> tuple[list[str], list[tuple]]:
