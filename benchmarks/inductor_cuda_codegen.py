@@ -18,6 +18,7 @@ Why: six sessions without a GPU, and questions only Inductor's CUDA output answe
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -49,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="as the trainer's --precision: bf16 = bf16 autocast over fp32 weights (e2e's step, the "
                         "default); bf16-pure = weights, buffers and images in bf16, no autocast (DeepSpeed's bf16 "
                         "mode; its variant folders are named <variant>.bf16-pure)")
+    p.add_argument("--gemm", default="library", choices=["library", "triton"],
+                   help="library = torch.compile's default mode (cuBLAS GEMMs); triton = max-autotune with every GEMM "
+                        "given to Inductor's Triton template, its epilogues fused without benchmarking (what "
+                        "max-autotune-no-cudagraphs compiles where the templates win; folders <variant>.triton-gemm)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--out", default=None, help="default benchmarks/results/codegen-<model>-<date>")
     p.add_argument("--against", default=None, metavar="DIR",
@@ -84,6 +89,39 @@ def configure_inductor() -> None:
     joint_graph.lazy_init = lambda input_device=None: traced_on_cpu(torch.device("cpu"))
 
 
+@contextlib.contextmanager
+def triton_gemms():
+    """max-autotune as the GPU would compile it if Inductor's Triton GEMM templates won every benchmark: only the
+    Triton backend offered, the first of its configs taken instead of timed (nothing can run here; the config
+    changes the tile, not which bytes the kernel moves), pointwise consumers fused into the template's epilogue
+    without the fusion benchmark (max-autotune's benchmark_epilogue_fusion would time fused against unfused).
+    The one other thing max-autotune times while generating, the split of each LayerNorm backward's mix-order
+    reduction, keeps the default mode's heuristic pick (the split moves a small workspace, not the rows)."""
+    from unittest import mock
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.coordinate_descent_tuner import CoordescTuner
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+
+    def first_config(self, name, input_nodes, layout, input_gen_fns, inputs_key, choices, precompile_fn, **kw):
+        return {choice: float(i) for i, choice in enumerate(choices)}
+
+    settings = {"max_autotune": True, "max_autotune_gemm_backends": "TRITON", "benchmark_epilogue_fusion": False,
+                "epilogue_fusion": True}
+    with inductor_config.patch(settings), \
+            mock.patch.object(AlgorithmSelectorCache, "do_autotuning", first_config), \
+            mock.patch.object(CoordescTuner, "autotune_single_field",
+                              staticmethod(lambda fn, init_val, *args, **kwargs: init_val)):
+        yield
+
+
+def gemm_mode(variant: str, gemm: str) -> str:
+    """"triton" when the variant compiles with max-autotune (its GEMMs can only be generated as templates here:
+    nothing can be timed) or --gemm triton asks for it; else "library" (cuBLAS, as the default mode calls)."""
+    mode = VARIANTS[variant].mode or ""
+    return "triton" if gemm == "triton" or mode.startswith("max-autotune") else "library"
+
+
 def graph_bytes(scheduler) -> dict:
     """Inductor's own count of the bytes each scheduled node reads and writes (the "theoretical" accesses its
     scheduler uses for fusion and bandwidth estimates: each buffer once), split into its generated kernels and
@@ -109,27 +147,53 @@ def graph_bytes(scheduler) -> dict:
 _kernel_calls: list = []  # (kernel name, bytes) of each generated kernel call of the graph being generated
 
 
+def template_kernel_bytes(kernel) -> int:
+    """Bytes of one call of a Triton template kernel (a GEMM with its fused prologues and epilogues): every buffer
+    the call reads or writes, once (numel x dtype size; an in-place buffer twice), the convention of Inductor's
+    estimate for its other kernels. Inductor's own estimate for templates counts the GEMM's operands and output
+    only, not what a fused epilogue stores or a fused prologue reads."""
+    from torch._inductor.utils import get_dtype_size
+    from torch._inductor.virtualized import V
+
+    def nbytes(name) -> int:
+        buf = V.graph.try_get_buffer(name)
+        if buf is None:
+            raise KeyError(name)
+        numel = V.graph.sizevars.optimization_hint(buf.get_numel(), fallback=0)
+        return int(numel) * get_dtype_size(buf.get_dtype())
+
+    args = kernel.args
+    inplace = {a.other_names[-1] for a in args.inplace_buffers.values() if hasattr(a, "other_names")}
+    names = [n for n, inner in {**args.input_buffers, **args.output_buffers}.items()
+             if not str(inner).startswith("REMOVED")]
+    return sum(nbytes(n) for n in dict.fromkeys(names)) + sum(2 * nbytes(n) for n in inplace)
+
+
 def record_kernel_calls() -> None:
     """Makes each generated Triton kernel call record its name and Inductor's estimate of the bytes that call reads
     and writes (`estimate_kernel_num_bytes`, the number Inductor's own bandwidth report divides by: each argument's
-    numel x dtype size, a narrowed buffer's slice only, an in-place buffer twice). Per call: one kernel that
-    Inductor reuses for several sizes is counted at each size."""
+    numel x dtype size, a narrowed buffer's slice only, an in-place buffer twice; for a GEMM template with fused
+    epilogues, `template_kernel_bytes`). Per call: one kernel that Inductor reuses for several sizes is counted at
+    each size."""
     from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.select_algorithm import TritonTemplateKernel
 
-    if getattr(TritonKernel.call_kernel, "_records_bytes", False):
-        return
-    original = TritonKernel.call_kernel
+    def recording(original, estimate):
+        def call_kernel(self, name, *args, **kwargs):
+            try:
+                counted = int(estimate(self))
+            except Exception:  # a kernel this torch cannot estimate stays in the calls, with no bytes
+                counted = None
+            _kernel_calls.append((name, counted))
+            return original(self, name, *args, **kwargs)
 
-    def call_kernel(self, name, *args, **kwargs):
-        try:
-            counted = int(self.estimate_kernel_num_bytes())
-        except Exception:  # a kernel this torch cannot estimate stays in the calls, with no bytes
-            counted = None
-        _kernel_calls.append((name, counted))
-        return original(self, name, *args, **kwargs)
+        call_kernel._records_bytes = True
+        return call_kernel
 
-    call_kernel._records_bytes = True
-    TritonKernel.call_kernel = call_kernel
+    for cls, estimate in ((TritonKernel, TritonKernel.estimate_kernel_num_bytes),
+                          (TritonTemplateKernel, template_kernel_bytes)):
+        if not getattr(cls.__dict__.get("call_kernel"), "_records_bytes", False):
+            cls.call_kernel = recording(cls.__dict__["call_kernel"], estimate)
 
 
 def kernel_table(calls: list) -> dict:
@@ -327,23 +391,49 @@ def compare_with_profile(variant_dir: Path, top_txt: Path, steps: int) -> list[d
     return rows
 
 
+def start_meta(args) -> dict:
+    """The folder's meta.json record for this run: common.environment's (its "device" is the faked card's name),
+    as every benchmark keeps, with the variants an earlier run wrote into the same folder kept (each variant
+    carries its own run's date and commit). One folder holds one torch version: another is refused."""
+    meta = {**common.environment("cuda"), "model": MODELS[args.model][0], "batch": args.batch,
+            "mask_ratio": args.mask_ratio, "backend": args.backend,
+            "deviations": ["joint_graph_constant_folding off", "pattern-matcher patterns traced on the CPU"],
+            "variants": {}}
+    path = args.out / "meta.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        for key in ("torch", "model", "batch"):
+            if earlier.get(key) != meta[key]:
+                raise SystemExit(f"inductor_cuda_codegen: {path} is of {key} {earlier.get(key)!r}, this run "
+                                 f"{meta[key]!r}: give another --out")
+        variants = earlier.get("variants", {})
+        for entry in variants.values():  # files written before each variant kept its own precision
+            entry.setdefault("precision", earlier.get("precision", "bf16"))
+        earlier.pop("precision", None)
+        meta = {**earlier, **meta, "variants": variants}
+    return meta
+
+
 def run_child(args) -> int:
     fakecuda.install()
     configure_inductor()
     args.out.mkdir(parents=True, exist_ok=True)
-    # common.environment's record (its "device" is the faked card's name), as every benchmark keeps
-    meta = {**common.environment("cuda"), "model": MODELS[args.model][0], "batch": args.batch,
-            "mask_ratio": args.mask_ratio, "backend": args.backend, "precision": args.precision,
-            "deviations": ["joint_graph_constant_folding off", "pattern-matcher patterns traced on the CPU"],
-            "variants": {}}
+    meta = start_meta(args)
     for variant in args.variants:
-        variant_dir = args.out / (variant if args.precision == "bf16" else f"{variant}.{args.precision}")
-        counted, kernels = trace_variant(variant, args, variant_dir)
+        gemm = gemm_mode(variant, args.gemm)
+        # a max-autotune variant's name says its GEMMs; another traced with --gemm triton gets the suffix
+        suffix = gemm == "triton" and not (VARIANTS[variant].mode or "").startswith("max-autotune")
+        variant_dir = args.out / ".".join([variant] + [args.precision] * (args.precision != "bf16")
+                                          + ["triton-gemm"] * suffix)
+        with triton_gemms() if gemm == "triton" else contextlib.nullcontext():
+            counted, kernels = trace_variant(variant, args, variant_dir)
         text = inductor_fallbacks.report(inductor_fallbacks.scan(variant_dir))
         text += "\n" + bytes_summary(counted, args.batch) + "\n"
         text += "\n" + kernel_summary(kernels, args.batch) + "\n"
         (variant_dir / "summary.txt").write_text(text)
-        meta["variants"][variant_dir.name] = {"summary": text.splitlines()[0]}
+        meta["variants"][variant_dir.name] = {"summary": text.splitlines()[0], "precision": args.precision,
+                                              "gemm": gemm, "date_utc": meta["date_utc"],
+                                              "git_commit": meta["git_commit"]}
         (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # kept as variants finish
         print(f"== {variant} ({MODELS[args.model][0]}, batch {args.batch}) ==\n{text}", flush=True)
         if args.against:

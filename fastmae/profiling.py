@@ -17,11 +17,13 @@ from torch.utils._pytree import tree_leaves
 
 # First match wins; names are lower-cased kernel / op names (cuBLAS, cuDNN, flash, Triton "fused_*" names, and
 # fastmae_kernels' own: the fused add + LayerNorm and bias + GELU kernels land with the work they replace, the MAE
-# ops' row copies with masking/gather/copy and the norm-pix loss with the reductions; tests/test_profiling.py).
+# ops' row copies with masking/gather/copy and the norm-pix loss with the reductions; Inductor's Triton GEMM
+# templates ("triton_tem_*", max-autotune) are matmuls whatever they fused; tests/test_profiling.py).
 CATEGORIES = [
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "addmm", "aten::mm", "cublas", "matmul")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_", "addmm", "aten::mm", "cublas", "matmul",
+                "triton_tem_")),
     ("layernorm", ("layer_norm", "layernorm")),
     ("gelu", ("gelu",)),
     ("reduction", ("reduce", "sum", "mean", "var", "mse")),
