@@ -80,6 +80,8 @@ VARIANTS = {
     "fast-compiled-fusednorm": Variant(reference=False, mode="default", norm_backend="triton"),  # kernel vs Inductor
     "fast-eager-plaingelu": Variant(reference=False, gelu_backend="torch"),  # addmm, gelu, the bias sum as torch ops
     "fast-compiled-fusedgelu": Variant(reference=False, mode="default", gelu_backend="triton"),  # kernel vs Inductor
+    # GEMMs autotuned against Inductor's Triton templates, the GELU and its gradient fusable into their epilogues
+    "fast-compiled-autotune": Variant(reference=False, mode="max-autotune-no-cudagraphs"),
 }
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}

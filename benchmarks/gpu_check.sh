@@ -26,8 +26,11 @@ keep_run() {  # keep_run NAME: a trainer run's logs and checkpoint listing (not 
   ls -laR /tmp/$1/checkpoints >"$WORK/$1/checkpoints_listing.txt" 2>&1
   pack
 }
-stage() {  # stage NAME SECONDS CMD...: run with min(SECONDS, what the budget has left), log rc and last lines
+# stage NAME SECONDS CMD...: run with min(SECONDS, what the budget has left), log rc and last lines.
+# GPU_CHECK_ONLY="name1 name2": run only those stages (the build, the clock log and the copy rate still run).
+stage() {
   local name=$1 want=$2; shift 2
+  if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) - 10 ))
   local limit=$(( want < left ? want : left ))
   if (( limit < 20 )); then log "skip $name: ${left}s of budget left"; return; fi
@@ -151,6 +154,13 @@ pack
 stage kernels_B 130 python -m benchmarks.kernels.run --shapes ViT-B/16 --out "$WORK/kernels"
 stage cuda_tests 90 python -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_model_parity_device.py \
   tests/test_host_waits.py
+
+# 8. max-autotune (NOTES §6.11: 1.00-1.08x over fast-compiled; fastmae's MLP on [T, C] lets Inductor fuse the GELU
+#    and its gradient into the Triton GEMM templates' epilogues, 13.2 GB fewer bytes in its other kernels if the
+#    templates win). Last, because its compile (every GEMM shape timed) takes minutes, how many is unmeasured; in
+#    a call of its own: GPU_CHECK_ONLY=e2e_B_autotune bash benchmarks/gpu_check.sh (first_step_s = compile time).
+TAIL=12 stage e2e_B_autotune 400 "${E2E[@]}" --models B --profile --rounds 2 --out "$WORK/e2e_B_autotune" \
+  --variants fast-compiled,fast-compiled-autotune
 
 kill "$SAMPLER" 2>/dev/null
 pack

@@ -64,6 +64,9 @@ PREDICTIONS = [
                "fused bias + GELU: 2.5 GB less traffic per step"),
     Prediction("6.6", "e2e", "B", "fast-compiled-fusedgelu", "fast-compiled", 0.98, 1.02,
                "Inductor does the same fusion; >= 1.03x: auto should use the kernel under compile"),
+    # §6.11: max-autotune, the GELU and its gradient in the GEMM templates' epilogues
+    Prediction("6.11", "e2e", "B", "fast-compiled-autotune", "fast-compiled", 1.00, 1.08,
+               "13.2 GB fewer in Inductor's kernels if the Triton templates win; autotune keeps cuBLAS where not"),
     Prediction("6.5", "kernel", "ViT-B/16", "add_layer_norm/triton/fwd+bwd", "torch eager", 1.5, INF,
                "~2x fewer bytes and ~6 fewer launches than torch's ops"),
     Prediction("6.5", "kernel", "ViT-B/16", "add_layer_norm/triton/fwd+bwd", "torch.compile", 0.85, 1.15,

@@ -29,6 +29,34 @@ def test_install_refuses_a_process_without_the_preload(monkeypatch):
         fakecuda.install()
 
 
+def test_triton_gemms_puts_inductor_back_as_it_was():
+    """The max-autotune settings hold for one variant's trace only: a default-mode variant traced after it in the
+    same process must get cuBLAS GEMMs and the real autotuner back."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.coordinate_descent_tuner import CoordescTuner
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+
+    from benchmarks.inductor_cuda_codegen import gemm_mode, triton_gemms
+
+    before = (inductor_config.max_autotune, inductor_config.max_autotune_gemm_backends,
+              inductor_config.benchmark_epilogue_fusion, AlgorithmSelectorCache.do_autotuning,
+              CoordescTuner.__dict__["autotune_single_field"])
+    with triton_gemms():
+        assert inductor_config.max_autotune and inductor_config.max_autotune_gemm_backends == "TRITON"
+        assert not inductor_config.benchmark_epilogue_fusion
+        choices = ["first", "second"]
+        timings = AlgorithmSelectorCache.do_autotuning(None, "mm", [], None, None, None, choices, None)
+        assert min(timings, key=timings.get) == "first"
+        assert CoordescTuner.autotune_single_field(lambda size: 1.0, 64, 8) == 64
+    after = (inductor_config.max_autotune, inductor_config.max_autotune_gemm_backends,
+             inductor_config.benchmark_epilogue_fusion, AlgorithmSelectorCache.do_autotuning,
+             CoordescTuner.__dict__["autotune_single_field"])
+    assert after == before
+    assert gemm_mode("fast-compiled", "library") == "library"
+    assert gemm_mode("fast-compiled", "triton") == "triton"
+    assert gemm_mode("fast-compiled-autotune", "library") == "triton"  # nothing can be timed here
+
+
 def _fast_backend() -> str:
     from fastmae_kernels import dispatch
 
@@ -97,6 +125,33 @@ def test_every_compiled_e2e_variant_compiles_to_cuda_code(tmp_path):
     # the fused-norm control puts the Triton add + LayerNorm into the compiled graph
     assert any("add_layer_norm" in name for name in total("fast-compiled-fusednorm", "custom"))
     assert any("bias_gelu" in name for name in total("fast-compiled-fusedgelu", "custom"))
+
+    # max-autotune, generated as if Inductor's Triton GEMM templates won: no cuBLAS call is left, and fastmae's MLP
+    # (tokens as one [T, C] matrix) has its GELU and GELU gradient in the templates' epilogues, no kernel of their
+    # own. The reference's MLP on [B, N, C] keeps both as separate kernels under the same settings (a second run
+    # into the same folder, which keeps the first run's variants in meta.json).
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.inductor_cuda_codegen", "--model", "tiny",
+                           "--variants", "ref-compiled", "--gemm", "triton", "--backend", backend, "--out", str(out),
+                           "--build-dir", str(tmp_path / "libs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.loads((out / "meta.json").read_text())
+    assert list(meta["variants"]) == COMPILED + ["ref-compiled.triton-gemm"]
+    assert meta["variants"]["fast-compiled-autotune"]["gemm"] == "triton"
+    assert meta["variants"]["fast-compiled"]["gemm"] == "library"
+
+    def category_calls(folder: str) -> Counter:
+        tables = json.loads((out / folder / "kernels.json").read_text())
+        return sum((Counter({row["category"]: row["calls"]}) for t in tables.values() for row in t.values()),
+                   Counter())
+
+    autotuned = total("fast-compiled-autotune", "library")
+    assert not any(name.startswith(("extern_kernels.mm", "extern_kernels.addmm")) for name in autotuned), autotuned
+    fast, fast_autotuned = category_calls("fast-compiled"), category_calls("fast-compiled-autotune")
+    ref_triton = category_calls("ref-compiled.triton-gemm")
+    assert fast["gelu"] > 0 and fast["matmul"] == 0  # the default mode: Inductor's GELU kernels, cuBLAS GEMMs
+    assert fast_autotuned["gelu"] == 0 and fast_autotuned["matmul"] >= 3 * n_linear
+    assert ref_triton["gelu"] > 0 and ref_triton["matmul"] > 0
 
 
 @pytest.mark.slow

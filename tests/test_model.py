@@ -109,6 +109,41 @@ def test_mlp_runs_the_plain_modules_for_another_activation():
     torch.testing.assert_close(mlp(x, gelu_backend="torch"), mlp(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_flat_mlp_matches_the_plain_mlp_bitwise(backend):
+    """fastmae's Mlp runs its GEMMs on the tokens as one [T, C] matrix (so Inductor can fuse the GELU into a GEMM
+    template's epilogue), the reference's PlainMlp on [B, N, C] as timm does: the same ops on the same rows, so
+    outputs and every gradient are equal bit for bit, on a non-contiguous input too."""
+    from fastmae.models.vit_block import Mlp, PlainMlp
+
+    torch.manual_seed(0)
+    flat, plain = Mlp(24, 40), PlainMlp(24, 40)
+    plain.load_state_dict(flat.state_dict())
+    x = torch.randn(5, 24, 7).transpose(1, 2)  # [B=5, N=7, C=24], not contiguous
+    outs = []
+    for mlp in (flat, plain):
+        xi = x.detach().clone().requires_grad_()
+        out = mlp(xi, backend) if backend else mlp(xi)
+        assert out.shape == (5, 7, 24) and out.abs().sum() > 0
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append([out, xi.grad] + [q.grad for q in mlp.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert Mlp.flat_tokens and not PlainMlp.flat_tokens
+
+
+def test_reference_blocks_keep_timm_formulations():
+    """The reference MAE's blocks run timm's attention and MLP forms; fastmae's its own."""
+    from fastmae.models.vit_block import Mlp, PlainAttention, PlainMlp
+
+    ref = create_model("mae_vit_tiny_patch4_dec64d2b", reference=True)
+    fast = create_model("mae_vit_tiny_patch4_dec64d2b")
+    for blk in list(ref.blocks) + list(ref.decoder_blocks):
+        assert type(blk.mlp) is PlainMlp and type(blk.attn) is PlainAttention
+    for blk in list(fast.blocks) + list(fast.decoder_blocks):
+        assert type(blk.mlp) is Mlp and not isinstance(blk.attn, PlainAttention)
+
+
 def test_fused_norm_stacks_call_every_block_and_norm_as_a_module():
     """The fused stacks still call each block and each LayerNorm as a module, once per forward, so module hooks
     see them (wrappers that manage parameters by module hooks; FLOP counters attribute by them)."""

@@ -121,6 +121,15 @@ class PlainAttention(Attention):
 
 
 class Mlp(nn.Module):
+    """fc1, exact GELU, fc2 over the tokens as one [T, C] matrix (T = all leading dimensions), the same GEMMs as
+    timm's Mlp on [B, N, C]. Why flat: Inductor fuses a GEMM template's pointwise consumer into its epilogue only
+    when the consumer's loop has the GEMM output's [T, hidden] shape; on [B, N, hidden] views it sees no shared
+    buffer access and keeps the GELU (forward) and the GELU gradient (backward) as separate kernels, each one more
+    pass over the hidden activations (compile mode max-autotune; counted with benchmarks/inductor_cuda_codegen.py
+    --gemm triton, NOTES §6.11)."""
+
+    flat_tokens = True
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = Linear(dim, hidden)
@@ -130,10 +139,21 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor, gelu_backend: str | None = None) -> torch.Tensor:
         """x [*, C] -> [*, C]; with `gelu_backend` (a fastmae_kernels backend) fc1's bias and the GELU run as one
         op when fc1 is fastmae's Linear with a bias and act the exact GELU (else the plain modules)."""
+        lead = x.shape[:-1]
+        if self.flat_tokens:
+            x = x.reshape(-1, x.shape[-1])  # [T, C]
         fusable = isinstance(self.fc1, Linear) and self.fc1.bias is not None
         if gelu_backend is None or not fusable or not _is_exact_gelu(self.act):
-            return self.fc2(self.act(self.fc1(x)))
-        return self.fc2(self.fc1(x, gelu_backend=gelu_backend))
+            x = self.fc2(self.act(self.fc1(x)))
+        else:
+            x = self.fc2(self.fc1(x, gelu_backend=gelu_backend))
+        return x.view(*lead, x.shape[-1])
+
+
+class PlainMlp(Mlp):
+    """timm's / the official MAE's MLP as it runs there, on [B, N, C]: the reference MAE's."""
+
+    flat_tokens = False
 
 
 def _is_exact_gelu(act: nn.Module) -> bool:
@@ -142,13 +162,14 @@ def _is_exact_gelu(act: nn.Module) -> bool:
 
 class Block(nn.Module):
     attention_cls = Attention
+    mlp_cls = Mlp
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_layer=LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = self.attention_cls(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = self.mlp_cls(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None, pending: torch.Tensor | None = None,
                 norm_backend: str | None = None, gelu_backend: str | None = None):
@@ -174,6 +195,7 @@ class Block(nn.Module):
 
 
 class PlainBlock(Block):
-    """The reference MAE's block: timm's attention formulation, same parameters and names."""
+    """The reference MAE's block: timm's attention and MLP formulations, same parameters and names."""
 
     attention_cls = PlainAttention
+    mlp_cls = PlainMlp
