@@ -7,10 +7,12 @@ of each kernel, under the name a GPU profile gives it; benchmarks/kernel_bandwid
     python -m benchmarks.inductor_cuda_codegen --model B --out /tmp/codegen      # ref-compiled, fast-compiled
     python -m benchmarks.inductor_cuda_codegen --model tiny --variants all       # every compiled e2e variant
     python -m benchmarks.inductor_cuda_codegen --model B --precision bf16-pure   # the trainer's bf16 weights mode
+    python -m benchmarks.inductor_cuda_codegen --model B --variants fast-compiled-autotune  # max-autotune's GEMMs
 
 Each e2e.py variant is traced as e2e runs it (bf16 autocast, the model's forward compiled whole with
 fullgraph=True, fastmae with masked_only unless the variant says otherwise), on fake cuda tensors
-(benchmarks/fakecuda): shapes and dtypes are real, values are not, nothing is timed or autotuned. A variant
+(benchmarks/fakecuda): shapes and dtypes are real, values are not, nothing is timed or autotuned (a max-autotune
+variant, or any with --gemm triton, gets Inductor's Triton GEMM templates in place of its timed choice). A variant
 whose CUDA path breaks the graph fails here, on a CPU, instead of in the scarce device minutes. Two things
 differ from a GPU run, both to avoid making real cuda tensors: the joint graph's constant folding is off, and
 Inductor's pattern-matcher patterns are traced on the CPU.
