@@ -93,12 +93,12 @@ else
   keep_run pretrain_B
 fi
 
-# 2b. The eager step with the fused residual add + LayerNorm and bias + GELU kernels (the eager default since
-#    2026-11-28, just run by the trainer above) against torch's add + layer_norm + cast, and against nn.Linear +
-#    nn.GELU, 3 rounds, no compile, so cheap: here, before the compile-heavy stages, in case the budget runs out
-#    (NOTES §6.5: plainnorm 1.06-1.10x slower, 20 GB more counted; §6.6: plaingelu 1.01-1.03x slower, 2.5 GB).
-TAIL=12 stage e2e_B_eager_norm 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_norm" \
-  --variants fast-eager,fast-eager-plainnorm,fast-eager-plaingelu
+# 2a. The training step on ViT-B, compiled, the headline ratio (next after the trainer's first GPU run: a
+#    stage the budget cuts keeps only what it measured): fastmae (the trainer's masked_only forward) vs the
+#    reference and vs fastmae's decoder on every row, 3 interleaved rounds so drift hits all alike (NOTES §6.2:
+#    1.01-1.025x). Then the trainer compiled (the run described under 2).
+TAIL=16 stage e2e_B 190 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
+  --variants ref-compiled,fast-compiled,fast-compiled-fullpred
 
 if (( HAVE_DS )); then
   TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --zero_stage 0 \
@@ -107,10 +107,12 @@ if (( HAVE_DS )); then
   keep_run pretrain_B_compiled
 fi
 
-# 3. The training step on ViT-B, compiled: fastmae (the trainer's masked_only forward) vs the reference and vs
-#    fastmae's decoder on every row, 3 interleaved rounds so drift hits all alike (NOTES §6.2: 1.01-1.025x).
-TAIL=16 stage e2e_B 190 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
-  --variants ref-compiled,fast-compiled,fast-compiled-fullpred
+# 2b. The eager step with the fused residual add + LayerNorm and bias + GELU kernels (the eager default since
+#    2026-11-28, just run by the trainer above) against torch's add + layer_norm + cast, and against nn.Linear +
+#    nn.GELU, 3 rounds, no compile, so cheap: before the remaining compile-heavy stages, in case the budget runs
+#    out (NOTES §6.5: plainnorm 1.06-1.10x slower, 20 GB more counted; §6.6: plaingelu 1.01-1.03x slower, 2.5 GB).
+TAIL=12 stage e2e_B_eager_norm 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_norm" \
+  --variants fast-eager,fast-eager-plainnorm,fast-eager-plaingelu
 
 # 4. If the budget allows: the compiled trainer (ZeRO-0) with DeepSpeed's throughput timer put back (its 2
 #    device waits per step, removed 2026-11-28; NOTES §6.4 predicts 0.92-0.98x); then DeepSpeed's bf16-weights
