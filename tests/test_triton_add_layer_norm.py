@@ -159,3 +159,15 @@ def test_add_layer_norm_fp64_stays_on_the_torch_backend():
         fk.add_layer_norm(x, branch, weight, bias, backend="triton")
     h, y = fk.add_layer_norm(x, branch, weight, bias, backend="torch")
     assert h.dtype == y.dtype == torch.float64 and torch.equal(h, x + branch)
+
+
+@pytest.mark.parametrize("half", [BF16, F16])
+def test_reference_norms_half_inputs_with_fp32_weights_in_fp32(half):
+    """bf16/fp16 h with fp32 weights, outside autocast: CUDA's layer_norm refuses the mix (the CPU's accepts it),
+    so the reference normalises in fp32 and rounds y once, to out_dtype, on every device (found on an H200)."""
+    x, branch = randn(4, 7, 96, dtype=half, seed=1), randn(4, 7, 96, dtype=half, seed=2)
+    weight, bias = 1 + 0.1 * randn(96, seed=3), 0.1 * randn(96, seed=4)
+    h, y = reference.add_layer_norm(x, branch, weight, bias, 1e-6, F32)
+    want = torch.nn.functional.layer_norm((x + branch).float(), (96,), weight, bias, 1e-6)
+    assert h.dtype == half and torch.equal(h, x + branch)
+    assert y.dtype == F32 and torch.equal(y, want)  # not rounded through the half dtype on the way

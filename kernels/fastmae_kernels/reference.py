@@ -142,9 +142,14 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A pre-norm block's residual add and the LayerNorm after it, op for op as timm's block runs them:
     h = x + branch (torch's promotion; h is x without a branch), y = layer_norm(h) cast to out_dtype (the cast
-    the next Linear makes under autocast, done here). x, branch [*, D]; weight, bias [D] -> (h, y)."""
+    the next Linear makes under autocast, done here). x, branch [*, D]; weight, bias [D] -> (h, y).
+
+    The norm runs in h's and the weights' common dtype (fp32 for bf16 h with fp32 weights, as autocast runs it)
+    and y is rounded once, to out_dtype: CUDA's layer_norm refuses a bf16/fp16 input with fp32 weights, which
+    the CPU's accepts (2026-12-04, H200), so the reference casts rather than rely on either."""
     h = x if branch is None else x + branch
-    y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    norm_dtype = torch.promote_types(h.dtype, torch.promote_types(weight.dtype, bias.dtype))
+    y = F.layer_norm(h.to(norm_dtype), (h.shape[-1],), weight.to(norm_dtype), bias.to(norm_dtype), eps)
     return h, y.to(out_dtype)
 
 
