@@ -19,7 +19,9 @@ mkdir -p "$DEST" "$WORK"
 export PYTHONUNBUFFERED=1 FASTMAE_CUDA_ARCH_LIST="${FASTMAE_CUDA_ARCH_LIST:-9.0}" TORCH_CUDA_ARCH_LIST=9.0
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # usable before (and while) the install runs
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$DEST/summary.log"; }
-pack() { tar -czf "$DEST/gpu_check.tgz" -C "$(dirname "$WORK")" gpu_check; }
+# written beside the last one, then renamed: the device call's limit once struck mid-write and the tarball came
+# back cut, losing a finished stage (2026-12-04)
+pack() { tar -czf "$DEST/gpu_check.tgz.part" -C "$(dirname "$WORK")" gpu_check && mv -f "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"; }
 keep_run() {  # keep_run NAME: a trainer run's logs and checkpoint listing (not the checkpoints) into the tarball
   mkdir -p "$WORK/$1" && cp /tmp/$1/*.jsonl /tmp/$1/*.txt /tmp/$1/*.png "$WORK/$1/" 2>/dev/null
   cp -r /tmp/$1/profile "$WORK/$1/" 2>/dev/null  # --profile_steps: top ops, kernel kinds, busy fraction
@@ -35,7 +37,8 @@ stage() {
   local limit=$(( want < left ? want : left ))
   if (( limit < 20 )); then log "skip $name: ${left}s of budget left"; return; fi
   log "start $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  # -k: torchrun answers TERM by tearing its workers down, which once took 30 s past the limit (2026-12-04)
+  timeout -k 5 "$limit" "$@" >"$WORK/$name.log" 2>&1
   log "end $name rc=$?"; { tail -n "${TAIL:-12}" "$WORK/$name.log"; echo; } | sed 's/^/    /' >>"$DEST/summary.log"
   pack  # keep what exists so far, whatever happens next
 }
