@@ -171,3 +171,26 @@ def test_reference_norms_half_inputs_with_fp32_weights_in_fp32(half):
     want = torch.nn.functional.layer_norm((x + branch).float(), (96,), weight, bias, 1e-6)
     assert h.dtype == half and torch.equal(h, x + branch)
     assert y.dtype == F32 and torch.equal(y, want)  # not rounded through the half dtype on the way
+
+
+@pytest.mark.parametrize("branch_dtype", [BF16, None])
+@pytest.mark.parametrize("h_used", [True, False])
+def test_eager_calls_skip_the_custom_op_with_the_same_bits(branch_dtype, h_used):
+    """Eager calls run the launchers through an autograd.Function (less host time per call); the custom op
+    (what torch.compile traces and dispatch modes see) must give the same bits, forward and every gradient."""
+    from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm_op
+
+    def through_custom_op(x, branch, weight, bias, eps, out_dtype):
+        h, y, _, _ = add_layer_norm_op(x, branch, weight, bias, eps, out_dtype)
+        return (x if branch is None else h), y
+
+    x, branch, weight, bias = _inputs((3, 21, 48), F32, branch_dtype, seed=15)
+    grad_y = randn(3, 21, 48, dtype=torch.float64, seed=16).to(BF16).double()
+    grad_h = randn(3, 21, 48, dtype=torch.float64, seed=17).to(F32).double() if h_used else None
+    eager = _run(_triton, x, branch, weight, bias, BF16, grad_h, grad_y)
+    op = _run(through_custom_op, x, branch, weight, bias, BF16, grad_h, grad_y)
+    for a, b in zip([*eager[:2], *eager[2]], [*op[:2], *op[2]]):  # h, y, then the grads of x, branch, w, b
+        assert (a is None and b is None) or torch.equal(a, b)
+    y = _triton(*(t.detach().requires_grad_() if t is not None else None for t in (x, branch, weight, bias)),
+                1e-6, BF16)[1]
+    assert type(y.grad_fn).__name__ == "_EagerAddLayerNormBackward"

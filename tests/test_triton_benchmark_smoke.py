@@ -25,3 +25,24 @@ def test_benchmark_smoke_writes_labelled_csv_markdown_and_png(tmp_path):
     assert all("CPU SMOKE" in r["run_kind"] and r["commit"] and r["torch"] for r in rows)
     assert "not kernel speed" in open(f"{stem}.md").read()
     assert stem.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_host_overhead_times_every_way_and_puts_the_kernels_back(tmp_path):
+    """benchmarks/host_overhead.py on the CPU (launches stubbed for the run): a row per op and way, measured (not
+    zero), written as JSON and markdown; afterwards the fused ops run their real kernels again."""
+    import json
+
+    import fastmae_kernels as fk
+    from benchmarks.host_overhead import main
+    from fastmae_kernels import reference
+
+    result = main(["--calls", "20", "--repeats", "2", "--out", str(tmp_path)])
+    ways = {(r["op"], r["way"]) for r in result["rows"]}
+    assert ways == {(op, way) for op in ("add_layer_norm", "bias_gelu")
+                    for way in ("torch ops", "custom op", "eager function")}
+    assert all(r["host_us_per_fwd_bwd"] != 0 for r in result["rows"]) and result["sums_only_us"] > 0
+    assert "no-op" in result["launches"]
+    assert json.loads((tmp_path / "host_overhead.json").read_text())["rows"] == result["rows"]
+    assert "| add_layer_norm | eager function |" in (tmp_path / "host_overhead.md").read_text()
+    x, bias = torch.randn(5, 24), torch.randn(24)
+    torch.testing.assert_close(fk.bias_gelu(x, bias, backend="triton"), reference.bias_gelu(x, bias))

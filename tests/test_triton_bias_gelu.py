@@ -142,3 +142,19 @@ def test_bias_gelu_fp64_stays_on_the_torch_backend():
         fk.bias_gelu(x, bias, backend="triton")
     y = fk.bias_gelu(x, bias, backend="torch")
     assert y.dtype == torch.float64 and torch.equal(y, torch.nn.functional.gelu(x + bias))
+
+
+@pytest.mark.parametrize("x_dtype", [BF16, F32])
+def test_eager_calls_skip_the_custom_op_with_the_same_bits(x_dtype):
+    """Eager calls run the launchers through an autograd.Function (less host time per call); the custom op
+    (what torch.compile traces and dispatch modes see) must give the same bits, forward and both gradients."""
+    from fastmae_kernels.triton_ops.bias_gelu import bias_gelu_op
+
+    x, bias = _inputs((4, 19, 72), x_dtype, F32, seed=21)
+    grad_y = randn(4, 19, 72, dtype=torch.float64, seed=22).to(x_dtype).double()
+    eager = _run(lambda x, b: fk.bias_gelu(x, b, backend="triton"), x, bias, grad_y)
+    op = _run(bias_gelu_op, x, bias, grad_y)
+    for a, b in zip(eager, op):  # y, dx, d bias
+        assert torch.equal(a, b)
+    y = fk.bias_gelu(x.detach().requires_grad_(), bias, backend="triton")
+    assert type(y.grad_fn).__name__ == "_EagerBiasGeluBackward"

@@ -5,6 +5,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from triton import knobs
 
 from fastmae_kernels import checks
@@ -56,6 +57,14 @@ def unavailable_reason(device: torch.device) -> str | None:
             return "TRITON_INTERPRET=1 was set after fastmae_kernels.triton_ops was imported (kernels are compiled)"
         return None
     return f"Triton kernels run on CUDA (or CPU with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def skip_custom_op() -> bool:
+    """True in plain eager mode, where the fused block ops call their launchers through an autograd.Function:
+    the custom op's dispatch and autograd wrapper cost host time that short eager steps cannot hide (ViT-H/14
+    at batch 64 on an H200 kept the GPU 38% busy, 2026-12-04). torch.compile must trace the custom op, and a
+    TorchDispatchMode (fake tensors; fastmae.profiling.WrittenBytes, which counts ops and bytes) must see it."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
 def check_kernel_dtype(op: str, **tensors: torch.Tensor | None) -> None:

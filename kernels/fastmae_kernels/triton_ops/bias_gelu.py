@@ -12,7 +12,8 @@ Arithmetic in fp32 whatever the storage dtype: x + bias is not rounded before GE
 output to bf16 under autocast), and the bias gradient is summed and returned in fp32 (torch returns its sum
 rounded to bf16 under autocast, then casts it to the fp32 bias).
 
-kernels -> launchers -> two custom ops (`fastmae_triton::bias_gelu` and its backward) -> autograd.
+kernels -> launchers -> two custom ops (`fastmae_triton::bias_gelu` and its backward) -> autograd; in eager mode an
+autograd.Function calls the same launchers without the custom ops' dispatch (`_EagerBiasGelu`).
 """
 
 import torch
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastmae_kernels.triton_ops._cast import round_to
-from fastmae_kernels.triton_ops._common import INTERPRETED, check_kernel_dtype
+from fastmae_kernels.triton_ops._common import INTERPRETED, check_kernel_dtype, skip_custom_op
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2); constexpr: a jitted kernel reads no other globals
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -91,8 +92,7 @@ def _flat(t: torch.Tensor, features: int) -> torch.Tensor:
     return t.contiguous().view(-1, features)
 
 
-@torch.library.custom_op("fastmae_triton::bias_gelu", mutates_args=())
-def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x [*, F], bias [F] -> GELU(x + bias) [*, F] in x's dtype."""
     features = x.shape[-1]
     x2 = _flat(x, features)  # [rows, F]
@@ -106,13 +106,15 @@ def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return y
 
 
+bias_gelu_op = torch.library.custom_op("fastmae_triton::bias_gelu", _forward, mutates_args=())
+
+
 @bias_gelu_op.register_fake
 def _(x, bias):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastmae_triton::bias_gelu_backward", mutates_args=())
-def bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_launch(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx [*, F] in x's dtype, d bias [F] fp32)."""
     features = x.shape[-1]
     x2 = _flat(x, features)
@@ -132,6 +134,9 @@ def bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor)
     return dx, partial.sum(dim=0)  # [F]: one fixed-order reduction over the programs
 
 
+bias_gelu_backward_op = torch.library.custom_op("fastmae_triton::bias_gelu_backward", _backward_launch, mutates_args=())
+
+
 @bias_gelu_backward_op.register_fake
 def _(dy, x, bias):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[-1], dtype=torch.float32)
@@ -143,8 +148,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
+    return _gradients(ctx, dy, bias_gelu_backward_op)
+
+
+def _gradients(ctx, dy, backward_launch):
     x, bias = ctx.saved_tensors
-    dx, db = bias_gelu_backward_op(dy, x, bias)
+    dx, db = backward_launch(dy, x, bias)
     need = ctx.needs_input_grad
     return (dx if need[0] else None), (db.to(bias.dtype) if need[1] else None)
 
@@ -152,6 +161,22 @@ def _backward(ctx, dy):
 bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerBiasGelu(torch.autograd.Function):
+    """The custom ops' forward and backward, called directly: eager mode skips the custom op's dispatch and
+    autograd wrapper (host time; see add_layer_norm's `_EagerAddLayerNorm`); torch.compile traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return _forward(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gradients(ctx, dy, _backward_launch)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     check_kernel_dtype("bias_gelu", x=x, bias=bias)
+    if skip_custom_op():
+        return _EagerBiasGelu.apply(x, bias)
     return bias_gelu_op(x, bias)
