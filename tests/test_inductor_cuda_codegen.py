@@ -171,7 +171,7 @@ def test_bf16_pure_moves_fewer_bytes_than_autocast(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         meta = json.loads((out / "meta.json").read_text())
         folder = "fast-compiled" if precision == "bf16" else "fast-compiled.bf16-pure"
-        assert meta["precision"] == precision and list(meta["variants"]) == [folder]
+        assert list(meta["variants"]) == [folder] and meta["variants"][folder]["precision"] == precision
         tables = json.loads((out / folder / "kernels.json").read_text())
         totals[precision] = sum(row["bytes"] for t in tables.values() for row in t.values())
     assert 0 < totals["bf16-pure"] < totals["bf16"]
