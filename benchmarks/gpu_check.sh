@@ -21,7 +21,9 @@ export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # usable befor
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$DEST/summary.log"; }
 # written beside the last one, then renamed: the device call's limit once struck mid-write and the tarball came
 # back cut, losing a finished stage (2026-12-04)
-pack() { tar -czf "$DEST/gpu_check.tgz.part" -C "$(dirname "$WORK")" gpu_check && mv -f "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"; }
+pack() {
+  tar -czf "$DEST/gpu_check.tgz.part" -C "$(dirname "$WORK")" gpu_check && mv -f "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"
+}
 keep_run() {  # keep_run NAME: a trainer run's logs and checkpoint listing (not the checkpoints) into the tarball
   mkdir -p "$WORK/$1" && cp /tmp/$1/*.jsonl /tmp/$1/*.txt /tmp/$1/*.png "$WORK/$1/" 2>/dev/null
   cp -r /tmp/$1/profile "$WORK/$1/" 2>/dev/null  # --profile_steps: top ops, kernel kinds, busy fraction
@@ -72,19 +74,19 @@ timeout 200 python -m pip install --no-build-isolation --no-deps -e . >"$WORK/bu
 BUILD=$!
 stage triton_tests 130 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py \
   tests/test_triton_bias_gelu.py tests/test_kernel_fallbacks.py
-# 1b. Host time per fused block op call, real launches (NOTES §6.12: eager ViT-H/14 at batch 64 was host-bound on
+# 1b. Host time per fused block op call, real launches (NOTES §7.2: eager ViT-H/14 at batch 64 was host-bound on
 #    the H200; the CPU counts the custom op's dispatch, not the Triton launch itself). Seconds.
 stage host_overhead 40 python benchmarks/host_overhead.py --out "$WORK/host_overhead"
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
 
 # 1c. ViT-H eager, both sides in 3 rounds with a profile: first after the build since 2026-12-04, when it ran at
-#    0.570x, host-bound (NOTES §6.12: the fused block ops now skip their custom op in eager mode; predicted
-#    0.60-0.70x; the H100's single-pass 0.966x of 2026-11-27 predates the fused ops' eager default).
+#    0.570x, host-bound (NOTES §7.2: the fused block ops now skip their custom op in eager mode; predicted
+#    0.58-0.66x; the H100's single-pass 0.966x of 2026-11-27 predates the fused ops' eager default).
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
 
-# 2. The trainer itself on the GPU (first run on the H200, 2026-12-04: all passed): ViT-B, --precision bf16 (autocast over fp32
-#    weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the end-of-run barrier + NCCL
+# 2. The trainer itself on the GPU (first run on the H200, 2026-12-04: all passed): ViT-B, --precision bf16
+#    (autocast over fp32 weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the end-of-run barrier + NCCL
 #    teardown + os._exit; then 60 steps with --compile on ZeRO-0 (one GPU: ZeRO-1/2 partition nothing and only
 #    add gradient copies, NOTES §6.4), profiled over steps 6-10 (prediction, NOTES §6.4: busy within 3 points
 #    of e2e's 97%, img/s within 5% of e2e's fast-compiled: the steady step no longer waits for the device).

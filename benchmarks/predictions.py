@@ -53,8 +53,8 @@ PREDICTIONS = [
                "masked_only: 1.5% fewer FLOPs in the decoder's last block"),
     Prediction("6.2", "e2e", "B", "fast-compiled-flash", "fast-compiled", 0.95, 1.05,
                "flash vs cuDNN attention on short sequences"),
-    Prediction("6.12", "e2e", "H", "fast-eager", "ref-eager", 0.58, 0.66,
-               "host-bound: 0.570x on the H200; the eager path skips the custom ops' dispatch (~6-15 ms of ~95)"),
+    Prediction("7.2", "e2e", "H", "fast-eager", "ref-eager", 0.58, 0.66,
+               "host-bound, 0.570x on the H200; eager skips the custom ops' dispatch (6-14 ms of ~95, CPU)"),
     # §6.5 / §6.6: the eager fused kernels, and the same kernels inside the compiled graph
     Prediction("6.5", "e2e", "B", "fast-eager", "fast-eager-plainnorm", 1.06, 1.10,
                "fused add + LayerNorm: 20.2 GB less traffic per step"),
