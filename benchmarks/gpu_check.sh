@@ -22,7 +22,8 @@ log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$DE
 # written beside the last one, then renamed: the device call's limit once struck mid-write and the tarball came
 # back cut, losing a finished stage (2026-12-04)
 pack() {
-  tar -czf "$DEST/gpu_check.tgz.part" -C "$(dirname "$WORK")" gpu_check && mv -f "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"
+  tar -czf "$DEST/gpu_check.tgz.part" -C "$(dirname "$WORK")" gpu_check \
+    && mv -f "$DEST/gpu_check.tgz.part" "$DEST/gpu_check.tgz"
 }
 keep_run() {  # keep_run NAME: a trainer run's logs and checkpoint listing (not the checkpoints) into the tarball
   mkdir -p "$WORK/$1" && cp /tmp/$1/*.jsonl /tmp/$1/*.txt /tmp/$1/*.png "$WORK/$1/" 2>/dev/null
@@ -86,10 +87,11 @@ E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 TAIL=12 stage e2e_H 110 "${E2E[@]}" --models H --variants ref-eager,fast-eager --rounds 3 --profile --out "$WORK/e2e_H"
 
 # 2. The trainer itself on the GPU (first run on the H200, 2026-12-04: all passed): ViT-B, --precision bf16
-#    (autocast over fp32 weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the end-of-run barrier + NCCL
-#    teardown + os._exit; then 60 steps with --compile on ZeRO-0 (one GPU: ZeRO-1/2 partition nothing and only
-#    add gradient copies, NOTES §6.4), profiled over steps 6-10 (prediction, NOTES §6.4: busy within 3 points
-#    of e2e's 97%, img/s within 5% of e2e's fast-compiled: the steady step no longer waits for the device).
+#    (autocast over fp32 weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the
+#    end-of-run barrier + NCCL teardown + os._exit; then 60 steps with --compile on ZeRO-0 (one GPU: ZeRO-1/2
+#    partition nothing and only add gradient copies, NOTES §6.4), profiled over steps 6-10 (prediction, NOTES
+#    §6.4: busy within 3 points of e2e's 97%, img/s within 5% of e2e's fast-compiled: the steady step no longer
+#    waits for the device).
 #    Needs DeepSpeed, which the image lacks: `bash scripts/gpu_wheels.sh` here, then carry .whl in the call.
 HAVE_DS=0
 if ! ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
@@ -145,7 +147,6 @@ if (( HAVE_DS )); then
     keep_run "pretrain_B_z2_compiled_$precision"
   done
 fi
-
 
 # 6. The remaining controls that split fastmae's gain (NOTES §6.2), and the fused norm and GELU kernels inside
 #    the compiled graph against Inductor's own fusion (NOTES §6.10: 0.98-1.05x, the fused norm also needing 42

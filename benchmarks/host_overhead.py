@@ -7,7 +7,7 @@ eager path used until 2026-12-04) and the eager autograd.Function that calls the
 default since). On a CPU the Triton launches are replaced by no-ops (the interpreter would time itself), so
 the CPU numbers are the Python and dispatch cost alone; on CUDA the launches are real.
 
-    python benchmarks/host_overhead.py --out benchmarks/results/host-overhead-cpu   # ~20 s
+    python benchmarks/host_overhead.py --out benchmarks/results/host-overhead-cpu   # seconds
 """
 
 import argparse

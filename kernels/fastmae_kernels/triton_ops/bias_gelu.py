@@ -167,8 +167,9 @@ class _EagerBiasGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias):
-        ctx.save_for_backward(x, bias)
-        return _forward(x, bias)
+        y = _forward(x, bias)
+        _setup_context(ctx, (x, bias), y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
