@@ -91,21 +91,90 @@ def _cases(device: torch.device, rows: int, dim: int):
     }, sums_only
 
 
-def _us_per_call(fn, device: torch.device, calls: int, repeats: int) -> float:
-    """Median over `repeats` of the wall time of `calls` forward + backward calls, in microseconds per call."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _launcher_cases(device: torch.device, rows: int, dim: int) -> dict:
+    """The fused ops' launchers called directly, forward then backward, no autograd: the empties, the Python
+    around the launch and the launches themselves; the gap to the "eager function" rows is autograd's."""
+    aln = importlib.import_module("fastmae_kernels.triton_ops.add_layer_norm")
+    bg = importlib.import_module("fastmae_kernels.triton_ops.bias_gelu")
+    g = torch.Generator().manual_seed(1)
+    x, branch = (torch.randn(rows, dim, generator=g).to(device) for _ in range(2))  # [rows, D]
+    weight, bias = (torch.randn(dim, generator=g).to(device) for _ in range(2))  # [D]
+
+    def norm():
+        h, y, mean, rstd = aln._forward(x, branch, weight, bias, 1e-6, torch.float32)
+        aln._backward_launch(y, h, h, weight, mean, rstd, torch.float32, torch.float32)
+
+    def gelu():
+        bg._backward_launch(bg._forward(x, bias), x, bias)
+
+    return {"add_layer_norm": norm, "bias_gelu": gelu}
+
+
+def _launch_cases(device: torch.device) -> dict:
+    """One tiny kernel launched three ways (CUDA only): an aten op, a Triton JITFunction launch (argument binding,
+    specialisation key, cache lookup, then the launch) and the CompiledKernel it returns launched directly. The
+    difference between the last two is what skipping Triton's per-call binding would save (NOTES §7.2)."""
+    common = importlib.import_module("fastmae_kernels.triton_ops._common")
+    kernel = common._toolchain_copy_kernel
+    src = torch.arange(5, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    cases = {
+        "aten op (torch.add, out=)": lambda: torch.add(src, 1.0, out=dst),
+        "triton JITFunction launch": lambda: kernel[(1,)](src, dst, 5, BLOCK=8),
+    }
+    try:  # CompiledKernel's runner takes every argument, constexprs included (Triton 3.3+)
+        runner = kernel[(1,)](src, dst, 5, BLOCK=8)[(1, 1, 1)]
+        dst.zero_()
+        runner(src, dst, 5, 8)
+        if torch.equal(dst, src + 1):
+            cases["triton CompiledKernel launch"] = lambda: runner(src, dst, 5, 8)
+    except Exception as error:  # noqa: BLE001 - an API this Triton lacks: leave the row out, say why
+        print(f"host_overhead: no direct CompiledKernel launch on this Triton ({error!r})", file=sys.stderr)
+    return cases
+
+
+class _Double(torch.autograd.Function):
+    """x * 2 as a Python autograd node: what any Python Function costs, kernels aside."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def _node_cases(device: torch.device) -> dict:
+    """x * 2 then its backward, as a torch op and as a Python autograd.Function (CUDA only, NOTES §7.3)."""
+    x = torch.randn(64, 64, device=device, requires_grad=True)
+    return {"torch op (x * 2)": lambda: (x * 2).sum(), "python Function (x * 2)": lambda: _Double.apply(x).sum()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _us_per_call(fn, device: torch.device, calls: int, repeats: int, backward: bool = True,
+                 worker_thread: bool = True) -> float:
+    """Median over `repeats` of the wall time of `calls` calls (each forward + backward unless not `backward`),
+    in microseconds per call. `worker_thread=False`: each backward on this thread, not autograd's CUDA worker."""
+    def call():
+        out = fn()
+        if backward:
+            with torch.autograd.set_multithreading_enabled(worker_thread):
+                out.backward()
 
     for _ in range(max(10, calls // 10)):
-        fn().backward()
+        call()
     times = []
     for _ in range(repeats):
-        sync()
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(calls):
-            fn().backward()
-        sync()
+            call()
+        _sync(device)
         times.append((time.perf_counter() - t0) / calls * 1e6)
     return statistics.median(times)
 
@@ -124,13 +193,31 @@ def main(argv=None) -> dict:
     rows = []
     with _no_launches() if device.type == "cpu" else contextlib.nullcontext():
         base = _us_per_call(sums_only, device, args.calls, args.repeats)
+        base_caller = _us_per_call(sums_only, device, args.calls, args.repeats, worker_thread=False)
         for op, ways in cases.items():
             for way, fn in ways.items():
                 us = _us_per_call(fn, device, args.calls, args.repeats) - base
                 rows.append({"op": op, "way": way, "host_us_per_fwd_bwd": round(us, 1)})
+                if device.type == "cuda":  # on a CPU the backward runs on the calling thread anyway
+                    us = _us_per_call(fn, device, args.calls, args.repeats, worker_thread=False) - base_caller
+                    rows.append({"op": op, "way": f"{way}, backward on caller's thread",
+                                 "host_us_per_fwd_bwd": round(us, 1)})
+        for op, fn in _launcher_cases(device, args.rows, args.dim).items():
+            us = _us_per_call(fn, device, args.calls, args.repeats, backward=False)
+            rows.append({"op": op, "way": "launchers only (no autograd)", "host_us_per_fwd_bwd": round(us, 1)})
     for row in rows:
         ref = next(r for r in rows if r["op"] == row["op"] and r["way"] == "torch ops")
         row["minus_torch_us"] = round(row["host_us_per_fwd_bwd"] - ref["host_us_per_fwd_bwd"], 1)
+    launches, nodes = [], []
+    if device.type == "cuda":
+        for way, fn in _launch_cases(device).items():
+            launches.append({"way": way, "host_us_per_launch": round(
+                _us_per_call(fn, device, args.calls, args.repeats, backward=False), 1)})
+        for way, fn in _node_cases(device).items():
+            for worker in (True, False):
+                us = _us_per_call(fn, device, args.calls, args.repeats, worker_thread=worker)
+                nodes.append({"way": way, "backward_on": "autograd's CUDA worker" if worker else "caller's thread",
+                              "host_us_per_fwd_bwd": round(us, 1)})
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "launches": "real" if device.type == "cuda" else "no-op (CPU: Python and dispatch cost only)",
@@ -141,7 +228,10 @@ def main(argv=None) -> dict:
         "calls": args.calls,
         "repeats": args.repeats,
         "sums_only_us": round(base, 1),
+        "sums_only_caller_thread_us": round(base_caller, 1),
         "rows": rows,
+        "launch_ways": launches,
+        "autograd_nodes": nodes,
     }
     lines = [
         f"# Host time per fused block op call: {result['device']} ({result['date_utc']})",
@@ -153,6 +243,14 @@ def main(argv=None) -> dict:
         "| op | way | host us per fwd+bwd | minus torch ops |",
         "|---|---|---:|---:|",
     ] + [f"| {r['op']} | {r['way']} | {r['host_us_per_fwd_bwd']} | {r['minus_torch_us']:+} |" for r in rows]
+    if launches:
+        lines += ["", "One tiny kernel per call, no autograd (wall time per launch: the GPU idles between them):", "",
+                  "| launch | host us per launch |", "|---|---:|"]
+        lines += [f"| {r['way']} | {r['host_us_per_launch']} |" for r in launches]
+    if nodes:
+        lines += ["", "x * 2 on a [64, 64] tensor, then .sum() and its backward (the sums not subtracted):", "",
+                  "| node | backward on | host us per fwd+bwd |", "|---|---|---:|"]
+        lines += [f"| {r['way']} | {r['backward_on']} | {r['host_us_per_fwd_bwd']} |" for r in nodes]
     print("\n".join(lines))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
