@@ -51,9 +51,10 @@ class Variant:
     backend: str | None = None  # fastmae_kernels backend of fastmae; None: --backend
     sdpa: str | None = None  # force one SDPA backend ("flash", "cudnn", "efficient", "math"); None: torch picks
     masked_only: bool = True  # fastmae: the trainer's forward (decoder's last block and head on masked rows)
-    norm_backend: str | None = None  # fastmae's residual add + LayerNorm; None: "auto" (the Triton kernel in eager
-    # mode on a GPU, Inductor's own fusion under torch.compile)
+    norm_backend: str | None = None  # fastmae's residual add + LayerNorm; None: "auto" (torch's ops: Inductor's own
+    # fusion under torch.compile; "triton": the fused kernel, NOTES §7.3)
     gelu_backend: str | None = None  # fastmae's MLP fc1 bias + GELU, likewise ("torch": nn.Linear + nn.GELU)
+    caller_thread_backward: bool = False  # backward on the calling thread, not autograd's CUDA worker thread
 
     def forward_kwargs(self) -> dict:
         return {"masked_only": True} if self.masked_only and not self.reference else {}
@@ -76,10 +77,17 @@ VARIANTS = {
     "fast-compiled-triton": Variant(reference=False, mode="default", backend="triton"),  # when no CUDA extension
     "fast-compiled-flash": Variant(reference=False, mode="default", sdpa="flash"),
     "fast-compiled-fullpred": Variant(reference=False, mode="default", masked_only=False),  # decoder on all rows
-    "fast-eager-plainnorm": Variant(reference=False, norm_backend="torch"),  # add, LayerNorm, cast as torch ops
     "fast-compiled-fusednorm": Variant(reference=False, mode="default", norm_backend="triton"),  # kernel vs Inductor
-    "fast-eager-plaingelu": Variant(reference=False, gelu_backend="torch"),  # addmm, gelu, the bias sum as torch ops
     "fast-compiled-fusedgelu": Variant(reference=False, mode="default", gelu_backend="triton"),  # kernel vs Inductor
+    # The fused block kernels in the eager step (opt-in since 2026-12-04, NOTES §7.3): against fast-eager's add,
+    # LayerNorm and cast (fusednorm), nn.Linear + nn.GELU (fusedgelu), or both (fusedblocks)
+    "fast-eager-fusednorm": Variant(reference=False, norm_backend="triton"),
+    "fast-eager-fusedgelu": Variant(reference=False, gelu_backend="triton"),
+    "fast-eager-fusedblocks": Variant(reference=False, norm_backend="triton", gelu_backend="triton"),
+    # their Python autograd nodes cost ~500 us each way on autograd's CUDA worker thread on the H200's host (NOTES
+    # §7.3): the same step with the backward on this thread
+    "fast-eager-fusedblocks-callerthread": Variant(reference=False, norm_backend="triton", gelu_backend="triton",
+                                                   caller_thread_backward=True),
     # GEMMs autotuned against Inductor's Triton templates, the GELU and its gradient fusable into their epilogues
     "fast-compiled-autotune": Variant(reference=False, mode="max-autotune-no-cudagraphs"),
 }
@@ -196,14 +204,16 @@ def fused_path(spec: Variant, model, device: torch.device, op: str) -> str:
     return "inductor" if spec.mode else "torch ops"
 
 
-def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, **forward_kwargs):
+def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, caller_thread_backward: bool = False,
+              **forward_kwargs):
     autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = model(imgs, mask_ratio, **forward_kwargs)[0]
-        loss.backward()
+        with torch.autograd.set_multithreading_enabled(not caller_thread_backward):  # sets the mode when built
+            loss.backward()
         optimizer.step()
         return loss
 
@@ -271,7 +281,8 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
             row["norms"] = fused_path(spec, model, device, "add_layer_norm")
             row["gelus"] = fused_path(spec, model, device, "bias_gelu")
-            step = make_step(model, optimizer, imgs, args.mask_ratio, **spec.forward_kwargs())
+            step = make_step(model, optimizer, imgs, args.mask_ratio, spec.caller_thread_backward,
+                             **spec.forward_kwargs())
             timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
         row.update(

@@ -37,9 +37,11 @@ def main() -> None:
     rank = init_distributed().rank
     torch.manual_seed(0)  # the same init on every rank
     # FASTMAE_TEST_BACKEND=triton (with TRITON_INTERPRET=1): the Triton kernels, the fused add + LayerNorm
-    # and bias + GELU included, run in the interpreter as they run compiled on a GPU
+    # and bias + GELU included (asked for: "auto" leaves them to torch), run in the interpreter as they run
+    # compiled on a GPU
     backend = os.environ.get("FASTMAE_TEST_BACKEND", "auto")
-    model = create_model("mae_vit_tiny_patch4_dec64d2b", backend=backend, norm_pix_loss=True)
+    model = create_model("mae_vit_tiny_patch4_dec64d2b", backend=backend, norm_pix_loss=True,
+                         norm_backend=backend, gelu_backend=backend)
     optimize_model(model, compile=False, grad_checkpointing=True)
     optimizer = make_optimizer(model.parameters(), lr=1e-3)
     config = CONFIG

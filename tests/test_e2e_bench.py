@@ -187,8 +187,10 @@ def test_control_variants_build_what_they_say(variant, reference, adamw, backend
 
 
 @pytest.mark.parametrize("variant, norms, gelus", [
-    ("fast-eager-plainnorm", "torch ops", "torch ops"),  # auto resolves to torch on a CPU anyway: the labels say so
-    ("fast-eager-plaingelu", "torch ops", "torch ops"),
+    ("fast-eager", "torch ops", "torch ops"),  # auto: torch's ops
+    ("fast-eager-fusednorm", "add_layer_norm (triton)", "torch ops"),
+    ("fast-eager-fusedgelu", "torch ops", "bias_gelu (triton)"),
+    ("fast-eager-fusedblocks", "add_layer_norm (triton)", "bias_gelu (triton)"),
     ("fast-compiled-fusednorm", "add_layer_norm (triton)", "inductor"),
     ("fast-compiled-fusedgelu", "inductor", "bias_gelu (triton)"),
 ])

@@ -34,7 +34,10 @@ def _groups(model):
 
 
 def _curve(fast: bool, bf16: bool, batches, state, backend: str = "auto") -> list[float]:
-    model = create_model(TINY, reference=not fast, norm_pix_loss=True, **({"backend": backend} if fast else {}))
+    # a Triton run takes the fused block kernels too ("auto" leaves the block ops to torch)
+    blocks = {} if backend == "auto" else {"norm_backend": backend, "gelu_backend": backend}
+    model = create_model(TINY, reference=not fast, norm_pix_loss=True,
+                         **({"backend": backend, **blocks} if fast else {}))
     model.load_state_dict(state, strict=True)
     if fast:  # every model-level fast-path piece that runs on CPU except compile (see test_fast_path.py)
         optimize_model(model, compile=False, grad_checkpointing=True)

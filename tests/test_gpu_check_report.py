@@ -112,7 +112,7 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     # the eager A/B stage, from e2e itself (CPU, tiny model), its rows then labelled as ViT-B's
     out = root / "e2e_B_eager_norm"
     assert e2e.main(["--device", "cpu", "--models", "tiny", "--batch", "2", "--steps", "3", "--warmup", "1",
-                     "--variants", "fast-eager,fast-eager-plainnorm,fast-eager-plaingelu", "--rounds", "2",
+                     "--variants", "fast-eager,fast-eager-fusednorm,fast-eager-fusedgelu", "--rounds", "2",
                      "--out", str(out)]) == 0
     result = json.loads((out / "e2e.json").read_text())
     for row in result["rows"]:
@@ -165,7 +165,7 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
         if len(cells) == 8 and cells[0].startswith("§"):
             rows.setdefault(cells[2], []).append(cells)
     # the eager A/Bs were measured (CPU numbers: any verdict but "not measured") in the folder they ran in
-    for what in ("fast-eager / fast-eager-plainnorm", "fast-eager / fast-eager-plaingelu"):
+    for what in ("fast-eager-fusednorm / fast-eager", "fast-eager-fusedgelu / fast-eager"):
         (cells,) = rows[what]
         assert cells[3] == "e2e_B_eager_norm" and cells[6] != "not measured"
         assert re.fullmatch(r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]( \(no difference\))?", cells[5]), cells

@@ -384,3 +384,20 @@ def test_compile_mode_reaches_the_model_and_needs_compile(tmp_path):
 
 def test_bad_profile_steps(tmp_path):
     assert "--profile_steps must be >= 0" in bad(["--profile_steps", "-1"], tmp_path)
+
+
+@pytest.mark.parametrize("argv, want", [([], "torch"), (["--fused_block_ops"], "triton")])
+def test_block_ops_are_torchs_unless_fused_block_ops(tmp_path, argv, want):
+    """The trainer's model runs torch's add + LayerNorm and nn.Linear + nn.GELU by default; --fused_block_ops puts
+    them on the MAE ops' backend (here the Triton interpreter, conftest's TRITON_INTERPRET=1), eager and compiled
+    (benchmarks/NOTES.md §7.3)."""
+    import fastmae_kernels as fk
+    from fastmae.train.engine import build_model
+
+    if "triton" not in fk.available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+    c = cfg(["--model", "mae_vit_tiny_patch4_dec64d2b", "--backend", "triton", *argv], tmp_path)
+    model = build_model(c, torch.device("cpu"))
+    for compiled in (False, True):
+        assert model.norm_backend_for(compiled=compiled, device="cpu") == want
+        assert model.gelu_backend_for(compiled=compiled, device="cpu") == want

@@ -13,7 +13,8 @@ TINY = "mae_vit_tiny_patch4_dec64d2b"
 
 def _train(backend: str, init_state: dict, steps: int, norm_pix: bool, autocast: bool = False,
            masked_only: bool = False) -> list[float]:
-    model = create_model(TINY, backend=backend, norm_pix_loss=norm_pix).to(DEVICE)
+    model = create_model(TINY, backend=backend, norm_pix_loss=norm_pix, norm_backend=backend,
+                         gelu_backend=backend).to(DEVICE)
     model.load_state_dict(init_state, strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
@@ -63,9 +64,10 @@ def _graph_ops(model, *args) -> list[str]:
     return seen
 
 
-def test_norm_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to_inductor():
-    """"auto": every LayerNorm of both stacks (2 per block + the 2 final ones) is one add_layer_norm kernel in
-    eager mode; inside torch.compile the graph holds torch's layer_norm for Inductor to fuse, unless asked."""
+def test_norm_backend_auto_is_torch_and_triton_runs_the_kernel_eagerly_and_compiled():
+    """"auto" (on any MAE kernels backend): every LayerNorm of both stacks (2 per block + the 2 final ones) is
+    torch's layer_norm, eager and inside torch.compile (for Inductor to fuse). "triton": one add_layer_norm kernel
+    each, eager and inside the compiled graph."""
     from fastmae.profiling import WrittenBytes
 
     torch.manual_seed(0)
@@ -74,33 +76,46 @@ def test_norm_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to
     imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 64, device=DEVICE)
     with WrittenBytes() as counted:
         model(imgs, 0.75, noise)
-    assert counted.calls["add_layer_norm"] == norms and counted.calls["native_layer_norm"] == 0
-
+    assert counted.calls["add_layer_norm"] == 0 and counted.calls["native_layer_norm"] == norms
     traced = _graph_ops(model, imgs, 0.75, noise)
     assert not any("add_layer_norm" in op for op in traced)
     assert sum("layer_norm" in op for op in traced) == norms
 
-    model.norm_backend = "triton"  # explicitly: the kernel inside the compiled graph too
+    model.norm_backend = "triton"
+    with WrittenBytes() as counted:
+        model(imgs, 0.75, noise)
+    assert counted.calls["add_layer_norm"] == norms and counted.calls["native_layer_norm"] == 0
     traced = _graph_ops(model, imgs, 0.75, noise)
     assert sum("fastmae_triton.add_layer_norm" in op for op in traced) == norms
 
 
-def test_gelu_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to_inductor():
-    """"auto": every MLP's fc1 bias + GELU is one bias_gelu kernel in eager mode, inside fc1's module call (its
-    hooks fire: ZeRO-3 gathers fc1's bias there); inside torch.compile the graph holds torch's gelu, unless asked."""
+def test_gelu_backend_auto_is_torch_and_triton_runs_the_kernel_eagerly_and_compiled():
+    """"auto": every MLP is nn.Linear + nn.GELU, eager and inside torch.compile. "triton": each MLP's fc1 bias +
+    GELU is one bias_gelu kernel in eager mode, inside fc1's module call (its hooks fire: ZeRO-3 gathers fc1's
+    bias there), and inside the compiled graph."""
     from fastmae.models.vit_block import Linear
     from fastmae.profiling import WrittenBytes
 
     torch.manual_seed(0)
     model = create_model(TINY, backend="triton").to(DEVICE)
     blocks = len(model.blocks) + len(model.decoder_blocks)
-    assert model.gelu_backend_for(compiled=False, device=DEVICE) == "triton"
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 64, device=DEVICE)
+    assert model.gelu_backend_for(compiled=False, device=DEVICE) == "torch"
     assert model.gelu_backend_for(compiled=True, device=DEVICE) == "torch"
+    with WrittenBytes() as counted:
+        model(imgs, 0.75, noise)[0].backward()
+    assert counted.calls["bias_gelu"] == 0 and counted.calls["gelu"] == counted.calls["gelu_backward"] == blocks
+    traced = _graph_ops(model, imgs, 0.75, noise)
+    assert not any("bias_gelu" in op for op in traced)
+    assert sum("gelu" in op for op in traced) == blocks  # torch's gelu, one per MLP
+
+    model.gelu_backend = "triton"
+    model.zero_grad(set_to_none=True)
+    assert model.gelu_backend_for(compiled=False, device=DEVICE) == "triton"
     fc1_calls = []
     for module in model.modules():
         if isinstance(module, Linear):
             module.register_forward_hook(lambda m, args, out: fc1_calls.append(out.shape))
-    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 64, device=DEVICE)
     with WrittenBytes() as counted:
         loss = model(imgs, 0.75, noise)[0]
         loss.backward()
@@ -109,12 +124,6 @@ def test_gelu_backend_auto_runs_the_kernel_eagerly_and_leaves_compiled_graphs_to
     assert len(fc1_calls) == blocks
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if "fc1.bias" in n)
-
-    traced = _graph_ops(model, imgs, 0.75, noise)
-    assert not any("bias_gelu" in op for op in traced)
-    assert sum("gelu" in op for op in traced) == blocks  # torch's gelu, one per MLP
-
-    model.gelu_backend = "triton"  # explicitly: the kernel inside the compiled graph too
     traced = _graph_ops(model, imgs, 0.75, noise)
     assert sum("fastmae_triton.bias_gelu" in op for op in traced) == blocks
 

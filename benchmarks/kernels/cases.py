@@ -140,7 +140,8 @@ def make_cases(shape: Shape, t: dict) -> list[Case]:
              bytes_bwd=norm_elems * (2 + 4 + 4 + 4 + 2) + norm_rows * 8),
         # forward: read x, write y (bf16); backward: read dy and x, write dx (the bias partials are per program).
         # The torch baselines run the op's reference (x + bias and GELU in fp32, one rounding): the model's own
-        # torch path adds the bias in addmm's epilogue instead; e2e's fast-eager-plaingelu times that one.
+        # torch path adds the bias in addmm's epilogue instead; e2e's fast-eager times that one (and
+        # fast-eager-fusedgelu the kernel).
         Case("bias_gelu", t, ["fc1_out", "fc1_bias"],
              lambda x, ops: (ops.bias_gelu(x["fc1_out"], x["fc1_bias"]),),
              bytes_fwd=mlp_elems * (2 + 2), bytes_bwd=mlp_elems * (2 + 2 + 2)),

@@ -8,11 +8,12 @@ rows zero weight, so their outputs never reach it and skipping them leaves the l
 they were (the last block still attends over all tokens).
 
 The block stacks run each LayerNorm together with the residual add before it (`Block(..., norm_backend=)`,
-`fastmae_kernels.add_layer_norm`): one Triton kernel each way in eager mode on a GPU instead of the add, the
-norm and autocast's cast to bf16 (and their backward), the same ops as the reference on the torch backend and
-under torch.compile, whose Inductor fuses them itself (`norm_backend`). Likewise each MLP's fc1 bias and GELU
-(`gelu_backend`, `fastmae_kernels.bias_gelu`): one kernel each way in eager mode on a GPU, whose backward also
-gives the bias gradient; nn.Linear + nn.GELU on a CPU and under torch.compile.
+`fastmae_kernels.add_layer_norm`), and each MLP's fc1 bias with its GELU (`gelu_backend`,
+`fastmae_kernels.bias_gelu`). By default ("auto") both are torch's own ops, as in the reference: Inductor fuses
+them itself under torch.compile, and in eager mode the fused Triton kernels (one each way instead of the add,
+the norm and autocast's cast, or the GELU and the bias sum) save GPU time but cost more host time than they
+save (H200, 2026-12-04: eager ViT-H/14 b64 0.61x and ViT-B/16 b256 0.84x the reference with them, 1.04x and
+1.20x without; benchmarks/NOTES.md §7.3). `norm_backend="triton"` / `gelu_backend="triton"` ask for them.
 """
 
 import torch
@@ -33,8 +34,8 @@ class MaskedAutoencoderViT(MAEParameters):
                 raise ValueError(f"{name} must be 'auto' or one of {fk.BACKENDS}, got {value!r}")
         self.backend = backend
         # the fastmae_kernels backends of the fused residual add + LayerNorm and of each MLP's fc1 bias + GELU
-        # ("auto": `_block_ops_for`); for the GELU "torch" means nn.Linear and nn.GELU's own ops, the reference's
-        # bit for bit (the op's torch reference adds the bias in fp32 instead)
+        # ("auto": torch, `_block_ops_for`); for the GELU "torch" means nn.Linear and nn.GELU's own ops, the
+        # reference's bit for bit (the op's torch reference adds the bias in fp32 instead)
         self.norm_backend = norm_backend
         self.gelu_backend = gelu_backend
         self.grad_checkpointing = False
@@ -45,14 +46,15 @@ class MaskedAutoencoderViT(MAEParameters):
         self.grad_checkpointing = bool(enable)
 
     def _block_ops_for(self, setting: str, compiled: bool, device: torch.device | str) -> str:
-        """The concrete backend a fused block op (the norms' add + LayerNorm, the MLPs' bias + GELU) runs on: an
-        explicit setting as given, "auto" the MAE ops' backend in eager mode and "torch" inside torch.compile,
-        whose Inductor fuses the same ops into its own kernels (an opaque op would only replace them; whether a
-        hand kernel beats Inductor's is a measurement: benchmarks/NOTES.md §6.5, §6.6). "torch" also where the
-        kernels backend's Triton kernels cannot run (fastmae_kernels.dispatch.block_ops_backend), so nothing
-        claims a fusion that does not run."""
-        backend = setting if setting != "auto" else ("torch" if compiled else self.backend)
-        return fk.dispatch.block_ops_backend(backend, device)
+        """The concrete backend a fused block op (the norms' add + LayerNorm, the MLPs' bias + GELU) runs on, in
+        eager mode or inside torch.compile (`compiled`): an explicit setting as given, in both; "auto" torch's
+        ops in both. Inside torch.compile Inductor fuses those ops into its own kernels (whether a hand kernel
+        beats Inductor's is a measurement: benchmarks/NOTES.md §6.10, §6.6). In eager mode the fused kernels'
+        Python autograd nodes cost more host time than their kernels save on the H200's host (NOTES §7.3), so
+        they are opt-in. "torch" also where the kernels backend's Triton kernels cannot run
+        (fastmae_kernels.dispatch.block_ops_backend), so nothing claims a fusion that does not run."""
+        del compiled  # one rule for both since 2026-12-04 (NOTES §7.3); callers still say which they ask about
+        return fk.dispatch.block_ops_backend("torch" if setting == "auto" else setting, device)
 
     def norm_backend_for(self, compiled: bool, device: torch.device | str) -> str:
         """The backend each residual add + LayerNorm runs on, eager or inside torch.compile (`_block_ops_for`)."""

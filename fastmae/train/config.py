@@ -95,6 +95,10 @@ class TrainConfig:
     world_size: int
     ds_config: dict = field(default_factory=dict)
     """The DeepSpeed config this run hands to deepspeed.initialize."""
+    fused_block_ops: bool = False
+    """Every block's residual add + LayerNorm and MLP bias + GELU as fastmae_kernels' fused Triton kernels (else
+    torch's ops, which Inductor fuses under --compile; eager, the kernels cost more host time than they save on
+    the H200: benchmarks/NOTES.md §7.3)."""
     profile_steps: int = 0
     """torch.profiler over this many optimizer steps after a 5-step warm-up (output_dir/profile/); 0 = off."""
     fault_nan_steps: tuple[int, ...] = ()
@@ -160,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
     p.add_argument("--loader", default="auto", choices=LOADERS)
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="fastmae_kernels backend for the MAE ops and, in eager mode, the fused add+LayerNorm and "
-                        "bias+GELU")
+                   help="fastmae_kernels backend for the MAE ops (gathers, mask tokens, loss)")
+    p.add_argument("--fused_block_ops", action="store_true",
+                   help="run every block's residual add + LayerNorm and MLP bias + GELU as fused Triton kernels "
+                        "(off: torch's ops, faster in eager mode on an H200 and fused by Inductor under --compile)")
     p.add_argument("--save_every_steps", type=int, default=None, help="checkpoint period in optimizer steps")
     p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
     p.add_argument("--log_every", type=int, default=None, help="log period in optimizer steps")
@@ -337,6 +343,7 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         zero_stage=zero_stage, precision=precision, max_steps=a.max_steps, loader=a.loader, backend=a.backend,
         save_every_steps=save_every, keep_last=a.keep_last, log_every=log_every, max_bad_steps=a.max_bad_steps,
         grad_checkpointing=a.grad_checkpointing, compile=a.compile, compile_mode=a.compile_mode,
+        fused_block_ops=a.fused_block_ops,
         default_num_images=a.num_images if a.num_images is not None else preset["default_num_images"],
         default_image_size=a.image_size if a.image_size is not None else preset["default_image_size"],
         device_type=device_type, world_size=world_size, profile_steps=a.profile_steps, fault_nan_steps=nan_steps,

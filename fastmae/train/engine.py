@@ -2,13 +2,17 @@
 
 import torch
 
+import fastmae_kernels as fk
 from fastmae.models.registry import create_model
 from fastmae.train.config import AUTOCAST_PRECISIONS, TrainConfig
 from fastmae.train.optim import build_optimizer
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    model = create_model(cfg.model, backend=cfg.backend, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss)
+    # --fused_block_ops: the block ops on the MAE ops' backend (its Triton kernels; torch where none can run)
+    block_ops = fk.resolve_backend(cfg.backend, device) if cfg.fused_block_ops else "auto"
+    model = create_model(cfg.model, backend=cfg.backend, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss,
+                         norm_backend=block_ops, gelu_backend=block_ops)
     model.to(device)
     if cfg.grad_checkpointing or cfg.compile:
         from fastmae.speed import optimize_model

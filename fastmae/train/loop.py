@@ -129,9 +129,9 @@ class Trainer:
         )
 
     def _speed(self) -> str:
-        """e.g. "eager, MAE kernels cuda, add+LayerNorm fused, bias+GELU fused" or "compiled (default) + block
-        checkpointing, MAE kernels cuda" (compiled, Inductor fuses the norms and GELUs itself: the model's
-        norm_backend and gelu_backend "auto")."""
+        """e.g. "eager, MAE kernels cuda, add+LayerNorm fused, bias+GELU fused" (--fused_block_ops) or "compiled
+        (default) + block checkpointing, MAE kernels cuda" (torch's block ops, which Inductor fuses itself under
+        --compile: the model's norm_backend and gelu_backend "auto")."""
         c = self.cfg
         mode = f"compiled ({c.compile_mode})" if c.compile else "eager"
         if c.grad_checkpointing:
