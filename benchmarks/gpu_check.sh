@@ -80,19 +80,21 @@ stage triton_tests 130 python -m pytest -q -p no:cacheprovider tests/test_triton
 stage host_overhead 40 python benchmarks/host_overhead.py --out "$WORK/host_overhead"
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
 
-# 1c. The eager step, 3 rounds each: ViT-H/14 b64 with a profile, then ViT-B/16 b256 (NOTES §7.3: since
+# 1c. The eager step, 3 rounds each: ViT-H/14 b64 with a profile here, ViT-B/16 b256 at 1e (NOTES §7.3: since
 #    2026-12-04 the block ops are torch's by default, as the fused kernels' Python autograd nodes cost more host
 #    time than they save; predicted H 0.93-1.10x and B 1.10-1.25x the reference, the fused kernels 0.55-0.75x on
 #    H; the B A/Bs against fused norm and GELU are §6.5/§6.6's, which assumed the host keeps ahead).
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 TAIL=12 stage e2e_H 150 "${E2E[@]}" --models H --variants ref-eager,fast-eager,fast-eager-fusedblocks --rounds 3 \
   --profile --out "$WORK/e2e_H"
-TAIL=12 stage e2e_B_eager 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager" \
-  --variants ref-eager,fast-eager,fast-eager-fusednorm,fast-eager-fusedgelu
 # 1d. ViT-L/16 b128 compiled, the issue's second model (not yet measured by fastmae: cut at 133 s on 2026-12-04
 #    while compiling; give it 250 s).
 TAIL=12 stage e2e_L_compiled 250 "${E2E[@]}" --models L --variants ref-compiled,fast-compiled --rounds 2 \
   --out "$WORK/e2e_L_compiled"
+
+# 1e. ViT-B eager, the four ways (§7.3, §6.5, §6.6); after L, which one call reaches only if it goes first.
+TAIL=12 stage e2e_B_eager 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager" \
+  --variants ref-eager,fast-eager,fast-eager-fusednorm,fast-eager-fusedgelu
 
 # 2. The trainer itself on the GPU (first run on the H200, 2026-12-04: all passed): ViT-B, --precision bf16
 #    (autocast over fp32 weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the
