@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,6 +152,15 @@ def _node_cases(device: torch.device) -> dict:
     return {"torch op (x * 2)": lambda: (x * 2).sum(), "python Function (x * 2)": lambda: _Double.apply(x).sum()}
 
 
+def _on_another_thread(measure):
+    """measure() run on a new Python thread (the main one waits on it); its result."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(measure()))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,6 +215,9 @@ def main(argv=None) -> dict:
         for op, fn in _launcher_cases(device, args.rows, args.dim).items():
             us = _us_per_call(fn, device, args.calls, args.repeats, backward=False)
             rows.append({"op": op, "way": "launchers only (no autograd)", "host_us_per_fwd_bwd": round(us, 1)})
+            # autograd runs CUDA backwards on a thread of its own: do the launchers cost more off the main thread?
+            us = _on_another_thread(lambda: _us_per_call(fn, device, args.calls, args.repeats, backward=False))
+            rows.append({"op": op, "way": "launchers only, on a second thread", "host_us_per_fwd_bwd": round(us, 1)})
     for row in rows:
         ref = next(r for r in rows if r["op"] == row["op"] and r["way"] == "torch ops")
         row["minus_torch_us"] = round(row["host_us_per_fwd_bwd"] - ref["host_us_per_fwd_bwd"], 1)

@@ -39,7 +39,8 @@ def test_host_overhead_times_every_way_and_puts_the_kernels_back(tmp_path):
     result = main(["--calls", "20", "--repeats", "2", "--out", str(tmp_path)])
     ways = {(r["op"], r["way"]) for r in result["rows"]}
     assert ways == {(op, way) for op in ("add_layer_norm", "bias_gelu")
-                    for way in ("torch ops", "custom op", "eager function", "launchers only (no autograd)")}
+                    for way in ("torch ops", "custom op", "eager function", "launchers only (no autograd)",
+                                "launchers only, on a second thread")}
     assert all(r["host_us_per_fwd_bwd"] != 0 for r in result["rows"]) and result["sums_only_us"] > 0
     assert "no-op" in result["launches"] and result["launch_ways"] == []  # the launch rows need a GPU
     assert json.loads((tmp_path / "host_overhead.json").read_text())["rows"] == result["rows"]
