@@ -176,6 +176,9 @@ def test_start_up_warnings_name_the_slow_gpu_settings_and_the_fix(tmp_path):
     assert warnings(["--precision", "bf16", "--zero_stage", "0"]) == []
     assert warnings(["--zero_stage", "3"]) == []
     assert warnings(["--precision", "bf16-pure", "--zero_stage", "1"], device="cpu") == []  # no GPU to wait for
+    (fused,) = warnings(["--fused_block_ops", "--zero_stage", "0"])
+    assert "--fused_block_ops in eager mode" in fused and "host time" in fused and "\n" not in fused
+    assert warnings(["--fused_block_ops", "--compile", "--zero_stage", "0"]) == []  # compiled: no autograd nodes
 
 
 def test_bf16_pure_leaves_the_nan_check_to_fastmaes_guard_unless_the_file_sets_it(tmp_path):

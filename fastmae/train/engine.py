@@ -90,8 +90,8 @@ def check_precision(engine, cfg: TrainConfig) -> str:
 
 
 def setup_warnings(cfg: TrainConfig) -> list[str]:
-    """Start-up warnings for GPU settings that cost speed for nothing (each counted on the CPU with DeepSpeed
-    0.19.8, benchmarks/NOTES.md §6.4)."""
+    """Start-up warnings for GPU settings that cost speed for nothing (the ZeRO ones counted on the CPU with
+    DeepSpeed 0.19.8, benchmarks/NOTES.md §6.4; the fused block ops' measured on an H200, §7.3)."""
     if cfg.device_type != "cuda":
         return []
     warnings = []
@@ -103,4 +103,9 @@ def setup_warnings(cfg: TrainConfig) -> list[str]:
         warnings.append(f"fastmae: warning: ZeRO-{cfg.zero_stage} on one GPU partitions nothing but still copies every "
                         "gradient into its buckets and flat partitions and back (ViT-B: ~2.7 GB written per step); "
                         "--zero_stage 0 is faster with the same memory")
+    if cfg.fused_block_ops and not cfg.compile:
+        warnings.append("fastmae: warning: --fused_block_ops in eager mode: each fused op's Python autograd node "
+                        "costs 240-500 us of host time per call (H200 host, 2026-12-04: eager ViT-H b64 ran 0.61x "
+                        "and ViT-B b256 0.84x the reference with them, 1.04x and 1.20x without); they pay only where "
+                        "the GPU, not the host, limits the step (benchmarks/NOTES.md §7.3)")
     return warnings
