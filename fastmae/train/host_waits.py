@@ -43,20 +43,14 @@ class HostWaitCounter:
                 return original(*args, **kwargs)
             self.sites[f"synchronize {_site(2)}"] += 1
             self._inside = True
-            debug = self._caught is not None  # counted here: keep the sync debug mode from counting it again
-            if debug:
-                torch.cuda.set_sync_debug_mode("default")
             before = len(self._records)
             try:
                 return original(*args, **kwargs)
             finally:
                 self._inside = False
-                if debug:
-                    torch.cuda.set_sync_debug_mode("warn")
-                    # torch 2.11 still warns inside synchronize() with the mode off (H200, 2026-12-04): that
-                    # record is this same wait
-                    self._records[before:] = [w for w in self._records[before:]
-                                              if _SYNC_WARNING not in str(w.message)]
+                # counted here: drop the sync debug mode's record of this same wait (turning the mode off around
+                # the call is not enough: torch 2.11 still warned inside synchronize(), H200, 2026-12-04)
+                self._records[before:] = [w for w in self._records[before:] if _SYNC_WARNING not in str(w.message)]
 
         setattr(owner, name, counted)
         self._undo.append((owner, name, original))
