@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import common  # noqa: E402
 from fastmae import profiling  # noqa: E402
+from fastmae.cuda_graph import GraphedTrainStep  # noqa: E402
 from fastmae.models import create_model, model_config  # noqa: E402
 from fastmae.speed import COMPILE_MODES, make_optimizer, optimize_model  # noqa: E402
 from fastmae.train.optim import param_groups  # noqa: E402  (the official no-decay split, as in training)
@@ -55,6 +56,7 @@ class Variant:
     # fusion under torch.compile; "triton": the fused kernel, NOTES §7.3)
     gelu_backend: str | None = None  # fastmae's MLP fc1 bias + GELU, likewise ("torch": nn.Linear + nn.GELU)
     caller_thread_backward: bool = False  # backward on the calling thread, not autograd's CUDA worker thread
+    graphed: bool = False  # the whole step (forward, backward, AdamW) captured once into a CUDA graph, replayed
 
     def forward_kwargs(self) -> dict:
         return {"masked_only": True} if self.masked_only and not self.reference else {}
@@ -88,6 +90,14 @@ VARIANTS = {
     # §7.3): the same step with the backward on this thread
     "fast-eager-fusedblocks-callerthread": Variant(reference=False, norm_backend="triton", gelu_backend="triton",
                                                    caller_thread_backward=True),
+    # The whole step as one CUDA-graph replay (fastmae/cuda_graph.py; CUDA only): no host time per kernel, so the
+    # eager step runs at its kernels' speed (NOTES §7.4). The reference's too, as a control; and the compiled step
+    # with its AdamW in the same graph (reduce-overhead, fast-cudagraphs, graphs forward and backward apart).
+    "fast-eager-graphed": Variant(reference=False, graphed=True),
+    "fast-eager-fusedblocks-graphed": Variant(reference=False, norm_backend="triton", gelu_backend="triton",
+                                              graphed=True),
+    "ref-eager-graphed": Variant(reference=True, graphed=True),
+    "fast-compiled-graphed": Variant(reference=False, mode="default", graphed=True),
     # GEMMs autotuned against Inductor's Triton templates, the GELU and its gradient fusable into their epilogues
     "fast-compiled-autotune": Variant(reference=False, mode="max-autotune-no-cudagraphs"),
 }
@@ -180,11 +190,12 @@ def build(spec: Variant, name: str, state: dict | None, device: torch.device, lr
     if spec.reference:  # the plain baseline: torch.compile as anyone would, foreach AdamW (torch's default)
         if spec.mode is not None:
             model.compile(mode=spec.mode)
-        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "torch-foreach")
+        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "torch-foreach",
+                                   capturable=spec.graphed)
     else:
         compile_here = spec.mode is not None and spec.sdpa is None
         optimize_model(model, compile=compile_here, mode=spec.mode or "default", grad_checkpointing=spec.ckpt)
-        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "auto")
+        optimizer = make_optimizer(param_groups(model, 0.05), lr=lr, impl=spec.adamw or "auto", capturable=spec.graphed)
         if spec.sdpa is not None:
             model = SdpaBackend(model, spec.sdpa)
             if spec.mode is not None:
@@ -204,8 +215,13 @@ def fused_path(spec: Variant, model, device: torch.device, op: str) -> str:
     return "inductor" if spec.mode else "torch ops"
 
 
+GRAPH_EAGER_STEPS = 3  # a graphed variant's eager steps before its capture (all within the untimed warm-up)
+
+
 def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, caller_thread_backward: bool = False,
-              **forward_kwargs):
+              graphed: bool = False, **forward_kwargs):
+    if graphed:
+        return make_graphed_step(model, optimizer, imgs, mask_ratio, **forward_kwargs)
     autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16)
 
     def step() -> torch.Tensor:
@@ -218,6 +234,23 @@ def make_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, caller_th
         return loss
 
     return step
+
+
+def make_graphed_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, **forward_kwargs):
+    """The same step as one CUDA-graph replay per call. Each call copies `imgs` into the graph's input buffer,
+    as a training loop copies each new batch; the masking noise is drawn anew by every replay."""
+    autocast = torch.autocast(imgs.device.type, dtype=torch.bfloat16, cache_enabled=False)  # capture needs no cache
+
+    def body(static_imgs: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(static_imgs, mask_ratio, **forward_kwargs)[0]
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    graphed = GraphedTrainStep(body, optimizer, [torch.empty_like(imgs)], eager_steps=GRAPH_EAGER_STEPS)
+    return lambda: graphed(imgs)
 
 
 def count_step(spec: Variant, name: str, state: dict, imgs: torch.Tensor, args) -> tuple[common.FlopCount, dict]:
@@ -281,9 +314,10 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             row["kernels"] = getattr(model, "backend", "torch (reference ops)")  # resolved: auto -> cuda/triton
             row["norms"] = fused_path(spec, model, device, "add_layer_norm")
             row["gelus"] = fused_path(spec, model, device, "bias_gelu")
-            step = make_step(model, optimizer, imgs, args.mask_ratio, spec.caller_thread_backward,
+            step = make_step(model, optimizer, imgs, args.mask_ratio, spec.caller_thread_backward, spec.graphed,
                              **spec.forward_kwargs())
-            timing = common.time_steps(step, device, warmup=args.warmup, iters=args.steps)
+            warmup = max(args.warmup, GRAPH_EAGER_STEPS + 1) if spec.graphed else args.warmup  # capture untimed
+            timing = common.time_steps(step, device, warmup=warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
         row.update(
             step_ms=timing["median_s"] * 1e3,

@@ -73,8 +73,9 @@ timeout 60 python -c "import json, torch; from benchmarks.kernels.timing import 
 log "start build (background, limit 200s)"
 timeout 200 python -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1 &
 BUILD=$!
-stage triton_tests 130 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py \
-  tests/test_triton_bias_gelu.py tests/test_kernel_fallbacks.py
+#    With them the whole-step CUDA graph's tests (fastmae/cuda_graph.py, 2026-12-05: never run on a GPU).
+stage triton_tests 150 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py \
+  tests/test_triton_bias_gelu.py tests/test_kernel_fallbacks.py tests/test_cuda_graph_step.py
 # 1b. Host time per fused block op call, real launches (NOTES §7.3: autograd around the fused ops, not the Triton
 #    launch, is the cost; new since: the launchers on a second thread, as autograd's CUDA worker runs them). ~45 s
 #    (a 40 s limit cut it on 2026-12-04).
@@ -83,19 +84,22 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 
 # 1c. The eager step, 3 rounds each: ViT-H/14 b64 with a profile here, ViT-B/16 b256 at 1e (NOTES §7.3: since
 #    2026-12-04 the block ops are torch's by default, as the fused kernels' Python autograd nodes cost more host
-#    time than they save; predicted H 0.93-1.10x and B 1.10-1.25x the reference, the fused kernels 0.55-0.75x on
-#    H; the B A/Bs against fused norm and GELU are §6.5/§6.6's, which assumed the host keeps ahead).
+#    time than they save; predicted H 0.93-1.10x and B 1.10-1.25x the reference). Beside them the same steps as
+#    one CUDA-graph replay each (NOTES §7.4, new 2026-12-05): H 1.10-1.45x fast-eager, and the fused block
+#    kernels, host-free there, 1.03-1.12x more. (fast-eager-fusedblocks without the graph: measured twice, 0.59x
+#    and 0.66x fast-eager, left out for time.)
 E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
-TAIL=12 stage e2e_H 150 "${E2E[@]}" --models H --variants ref-eager,fast-eager,fast-eager-fusedblocks --rounds 3 \
-  --profile --out "$WORK/e2e_H"
+TAIL=12 stage e2e_H 200 "${E2E[@]}" --models H --rounds 3 --profile --out "$WORK/e2e_H" \
+  --variants ref-eager,fast-eager,fast-eager-graphed,fast-eager-fusedblocks-graphed
 # 1d. ViT-L/16 b128 compiled, the issue's second model (not yet measured by fastmae: cut at 133 s on 2026-12-04
 #    while compiling; give it 250 s).
 TAIL=12 stage e2e_L_compiled 250 "${E2E[@]}" --models L --variants ref-compiled,fast-compiled --rounds 2 \
   --out "$WORK/e2e_L_compiled"
 
-# 1e. ViT-B eager, the four ways (§7.3, §6.5, §6.6); after L, which one call reaches only if it goes first.
-TAIL=12 stage e2e_B_eager 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager" \
-  --variants ref-eager,fast-eager,fast-eager-fusednorm,fast-eager-fusedgelu
+# 1e. ViT-B eager (§7.3) and graphed (§7.4: 1.00-1.06x, the fused kernels 1.05-1.15x more); after L, which one
+#    call reaches only if it goes first. The eager fused norm and GELU A/Bs (§6.5, §6.6) are under 6.
+TAIL=12 stage e2e_B_eager 130 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager" \
+  --variants ref-eager,fast-eager,fast-eager-graphed,fast-eager-fusedblocks-graphed
 
 # 2. The trainer itself on the GPU (first run on the H200, 2026-12-04: all passed): ViT-B, --precision bf16
 #    (autocast over fp32 weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the
@@ -121,10 +125,11 @@ fi
 
 # 2a. The training step on ViT-B, compiled, the issue's headline ratio (next after the trainer's first GPU run: a
 #    stage the budget cuts keeps only what it measured): fastmae (the trainer's masked_only forward) vs the
-#    reference and vs fastmae's decoder on every row, 3 interleaved rounds so drift hits all alike (NOTES §6.2:
-#    1.01-1.025x). Then the trainer compiled (the run described under 2).
+#    reference and with its AdamW in the same CUDA graph as forward and backward (NOTES §7.4: 0.99-1.04x), 3
+#    interleaved rounds so drift hits all alike (fast-compiled-fullpred, §6.2, measured 2026-12-04: no gain, left
+#    out). Then the trainer compiled (the run described under 2).
 TAIL=16 stage e2e_B 190 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B" \
-  --variants ref-compiled,fast-compiled,fast-compiled-fullpred
+  --variants ref-compiled,fast-compiled,fast-compiled-graphed
 
 if (( HAVE_DS )); then
   TAIL=14 PYTHONPATH="$PYTHONPATH:/tmp/site" stage pretrain_B_compiled 130 "${PRETRAIN[@]}" --zero_stage 0 \
@@ -158,6 +163,9 @@ fi
 #    fast-compiled-torchops (predicted 0.98-1.02x) left out for time.
 TAIL=18 stage e2e_B_controls 270 "${E2E[@]}" --models B --profile --rounds 3 --out "$WORK/e2e_B_controls" \
   --variants fast-compiled,ref-compiled-fusedadamw,fast-compiled-flash,fast-compiled-fusednorm,fast-compiled-fusedgelu
+# ... and the eager fused norm and GELU without the graph (§6.5, §6.6; they pay only where the host keeps ahead)
+TAIL=12 stage e2e_B_eager_fused 100 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager_fused" \
+  --variants fast-eager,fast-eager-fusednorm,fast-eager-fusedgelu
 
 # What Inductor left to eager kernels in every graph compiled so far (its cache's wrappers, read in seconds, before
 # the stages the budget may cut): the 2026-11-27 compiled step ran 84 aten::sum kernels per step, the last stage of

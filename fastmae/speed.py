@@ -103,17 +103,34 @@ def make_optimizer(
     weight_decay: float = 0.05,
     eps: float = 1e-8,
     impl: str = "auto",
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, the official MAE optimizer) from parameters or param-group dicts
     (e.g. the official no-decay split for biases/norms), on the fastest available implementation.
 
-    Per-group "weight_decay" / "lr" keys win over the defaults here, as in any torch optimizer."""
+    Per-group "weight_decay" / "lr" keys win over the defaults here, as in any torch optimizer.
+
+    `capturable`: for a step captured into a CUDA graph (fastmae.cuda_graph): torch's AdamW with
+    capturable=True and every group's lr as a 0-d fp32 tensor on the parameters' device, which
+    fastmae.cuda_graph.set_lr changes in place (a float lr would be frozen into the graph)."""
     groups = list(param_groups)
     params = _flat_params(groups)
     if not params:
         raise ValueError("make_optimizer got no parameters")
     chosen = choose_adamw_impl(params, impl)
     kwargs: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if capturable:
+        if not chosen.startswith("torch-"):
+            raise ValueError(f"a capturable AdamW needs torch's implementation (torch-fused, torch-foreach, "
+                             f"torch-loop), not {chosen}")
+        device = params[0].device
+
+        def as_tensor(value) -> torch.Tensor:
+            return torch.as_tensor(value, dtype=torch.float32, device=device).clone()
+
+        if isinstance(groups[0], dict):  # a tensor of its own per group: set_lr scales each by its "lr_scale"
+            groups = [dict(g, lr=as_tensor(g.get("lr", lr))) for g in groups]
+        kwargs.update(lr=as_tensor(lr), capturable=True)
     log.info("fastmae: AdamW implementation %s", chosen)
     if chosen == "torch-fused":
         return torch.optim.AdamW(groups, fused=True, **kwargs)

@@ -186,6 +186,30 @@ def test_control_variants_build_what_they_say(variant, reference, adamw, backend
     assert hasattr(model, "backend") != reference and getattr(model, "backend", None) == backend
 
 
+@pytest.mark.parametrize("variant, reference, flavour", [
+    ("fast-eager-graphed", False, "fused"),
+    ("fast-eager-fusedblocks-graphed", False, "fused"),
+    ("ref-eager-graphed", True, "foreach"),  # the reference keeps its AdamW, made capturable
+    ("fast-compiled-graphed", False, "fused"),
+])
+def test_graphed_variants_build_a_capturable_adamw_and_need_cuda(variant, reference, flavour):
+    """The CUDA-graph variants' optimizers hold their lr as tensors (a float would be frozen into the graph);
+    on a CPU their step is refused with the reason, which e2e writes into the row's status."""
+    import torch
+
+    spec = e2e.VARIANTS[variant]
+    if spec.norm_backend == "triton" and "triton" not in fk.available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+    model, optimizer = e2e.build(spec, "mae_vit_tiny_patch4_dec64d2b", None, torch.device("cpu"), lr=1e-3,
+                                 backend="auto")
+    assert hasattr(model, "backend") != reference and optimizer.defaults.get(flavour)
+    assert all(g["capturable"] and isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups)
+    assert [float(g["lr"]) for g in optimizer.param_groups] == pytest.approx([1e-3] * len(optimizer.param_groups))
+    imgs = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="CUDA device"):
+        e2e.make_step(model, optimizer, imgs, 0.75, graphed=True, **spec.forward_kwargs())
+
+
 @pytest.mark.parametrize("variant, norms, gelus", [
     ("fast-eager", "torch ops", "torch ops"),  # auto: torch's ops
     ("fast-eager-fusednorm", "add_layer_norm (triton)", "torch ops"),

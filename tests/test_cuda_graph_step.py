@@ -1,0 +1,180 @@
+"""The whole-step CUDA graph (fastmae/cuda_graph.py) and the capturable AdamW it needs.
+
+On a CPU: the capturable optimizer (tensor lr per group, same update as the float-lr one), set_lr, and the
+clear errors. On a GPU (skipped here): a captured tiny MAE step against the same step run eagerly, new masking
+noise on every replay, an lr change reaching the graph, and the error a step with a host read gets.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from fastmae.cuda_graph import GraphedTrainStep, check_capturable_optimizer, set_lr
+from fastmae.models import create_model
+from fastmae.speed import make_optimizer
+from fastmae.train.optim import param_groups
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+TINY = "mae_vit_tiny_patch4_dec64d2b"
+
+
+def _grads_for(params, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def test_capturable_adamw_holds_a_tensor_lr_per_group_and_updates_like_the_float_one():
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    twin = copy.deepcopy(model)
+    model_before = [p.detach().clone() for p in model.parameters()]
+    plain = make_optimizer(param_groups(model, 0.05), lr=1e-3, impl="torch-fused")
+    graphable = make_optimizer(param_groups(twin, 0.05), lr=1e-3, impl="torch-fused", capturable=True)
+    check_capturable_optimizer(graphable)  # no error
+    lrs = [g["lr"] for g in graphable.param_groups]
+    assert len(lrs) == 2 and all(isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 for lr in lrs)
+    assert lrs[0] is not lrs[1]  # each group its own: set_lr may scale them differently
+    assert all(g["capturable"] and g["fused"] for g in graphable.param_groups)
+    for step in range(4):
+        for opt, m in ((plain, model), (graphable, twin)):
+            _grads_for(m.parameters(), seed=step)
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        # within fp32 rounding, a few ulps after 4 steps (not bit-identical: the kernel takes a float lr's
+        # products in double and a tensor lr's in fp32)
+        torch.testing.assert_close(b, a, rtol=4 * 2**-23, atol=1e-9, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), model_before))  # the steps moved them
+
+
+def test_capturable_adamw_keeps_a_groups_own_lr():
+    model = torch.nn.Linear(3, 4)
+    opt = make_optimizer([{"params": [model.weight]}, {"params": [model.bias], "lr": 5e-4}], lr=1e-3,
+                         impl="torch-fused", capturable=True)
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([1e-3, 5e-4])
+
+
+def test_capturable_adamw_refuses_an_implementation_torch_cannot_capture():
+    with pytest.raises(ValueError, match="capturable AdamW needs torch's implementation"):
+        make_optimizer(torch.nn.Linear(3, 4).parameters(), lr=1e-3, impl="apex", capturable=True)
+
+
+def test_set_lr_writes_into_the_same_tensor_and_applies_each_groups_scale():
+    model = torch.nn.Linear(3, 4)
+    opt = make_optimizer([{"params": [model.weight], "lr_scale": 0.5}, {"params": [model.bias]}], lr=1e-3,
+                         impl="torch-fused", capturable=True)
+    before = [g["lr"] for g in opt.param_groups]
+    set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == before  # the same objects: a captured graph reads their memory
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([1e-3, 2e-3])
+    floats = torch.optim.AdamW([{"params": [model.weight], "lr_scale": 0.25}], lr=1e-3)
+    set_lr(floats, 4e-3)
+    assert floats.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_float_lr_or_a_non_capturable_optimizer_is_refused_with_the_fix():
+    model = torch.nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="capturable=True"):
+        check_capturable_optimizer(make_optimizer(model.parameters(), lr=1e-3, impl="torch-fused"))
+    frozen = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    with pytest.raises(ValueError, match="tensor lr"):
+        check_capturable_optimizer(frozen)
+
+
+def test_graphed_step_on_cpu_tensors_says_it_needs_cuda():
+    model = torch.nn.Linear(3, 4)
+    opt = make_optimizer(model.parameters(), lr=1e-3, impl="torch-fused", capturable=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTrainStep(lambda x: model(x).sum(), opt, [torch.randn(2, 3)])
+
+
+# ---------------------------------------------------------------------------------------------------- GPU only
+
+
+def _tiny_step(model, optimizer, with_noise: bool):
+    def body(imgs, *noise):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _, mask = model(imgs, 0.75, noise=noise[0] if with_noise else None)
+        loss.backward()
+        optimizer.step()
+        return loss, mask
+
+    return body
+
+
+def _cuda_tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model(TINY).cuda().train()
+    imgs = torch.randn(6, 3, 32, 32, device="cuda")
+    return model, imgs
+
+
+@cuda
+def test_a_captured_step_follows_the_eager_step_given_the_same_batches_and_noise():
+    model, imgs = _cuda_tiny()
+    twin = copy.deepcopy(model)
+    eager_opt = make_optimizer(param_groups(model, 0.05), lr=1e-3)
+    graph_opt = make_optimizer(param_groups(twin, 0.05), lr=1e-3, capturable=True)
+    eager = _tiny_step(model, eager_opt, with_noise=True)
+    length = model.patch_embed.num_patches
+    graphed = GraphedTrainStep(_tiny_step(twin, graph_opt, with_noise=True), graph_opt,
+                               [torch.empty_like(imgs), torch.empty(6, length, device="cuda")], eager_steps=2)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for step in range(7):  # 2 eager, the capture, 4 replays
+        batch = imgs + 0.1 * step
+        noise = torch.rand(6, length, device="cuda", generator=gen)
+        want, _ = eager(batch, noise)
+        got, _ = graphed(batch, noise)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"step {step}")
+    assert graphed.captured
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@cuda
+def test_every_replay_draws_new_masking_noise_and_sees_lr_changes():
+    model, imgs = _cuda_tiny()
+    opt = make_optimizer(param_groups(model, 0.05), lr=1e-3, capturable=True)
+    graphed = GraphedTrainStep(_tiny_step(model, opt, with_noise=False), opt, [torch.empty_like(imgs)],
+                               eager_steps=1)
+    for _ in range(2):
+        graphed(imgs)
+    assert graphed.captured
+    masks = [graphed(imgs)[1].clone() for _ in range(3)]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert all(int(m.sum()) == m.shape[0] * int(0.75 * m.shape[1]) for m in masks)  # still 75% per image
+    set_lr(opt, 0.0)  # AdamW with lr 0 leaves every weight as it is
+    before = [p.detach().clone() for p in model.parameters()]
+    graphed(imgs)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    set_lr(opt, 1e-3)
+    graphed(imgs)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@cuda
+def test_a_step_that_reads_a_device_value_fails_capture_with_a_clear_error():
+    model, imgs = _cuda_tiny()
+    opt = make_optimizer(param_groups(model, 0.05), lr=1e-3, capturable=True)
+    body = _tiny_step(model, opt, with_noise=False)
+
+    def reads_loss(imgs):
+        loss, mask = body(imgs)
+        if loss.item() > 1e9:  # a host read: the capture cannot record it
+            raise AssertionError("unreachable")
+        return loss
+
+    graphed = GraphedTrainStep(reads_loss, opt, [torch.empty_like(imgs)], eager_steps=1)
+    graphed(imgs)
+    with pytest.raises(RuntimeError, match="could not be captured"):
+        graphed(imgs)
+
+
+@cuda
+def test_a_batch_of_another_shape_is_refused():
+    model, imgs = _cuda_tiny()
+    opt = make_optimizer(param_groups(model, 0.05), lr=1e-3, capturable=True)
+    graphed = GraphedTrainStep(_tiny_step(model, opt, with_noise=False), opt, [torch.empty_like(imgs)])
+    with pytest.raises(ValueError, match="partial batch"):
+        graphed(imgs[:4])
