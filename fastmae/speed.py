@@ -120,6 +120,8 @@ def make_optimizer(
     chosen = choose_adamw_impl(params, impl)
     kwargs: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if capturable:
+        if impl == "auto" and not chosen.startswith("torch-"):
+            chosen = "torch-foreach"  # auto found apex, whose FusedAdam a CUDA graph cannot capture
         if not chosen.startswith("torch-"):
             raise ValueError(f"a capturable AdamW needs torch's implementation (torch-fused, torch-foreach, "
                              f"torch-loop), not {chosen}")

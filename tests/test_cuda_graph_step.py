@@ -55,9 +55,15 @@ def test_capturable_adamw_keeps_a_groups_own_lr():
     assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([1e-3, 5e-4])
 
 
-def test_capturable_adamw_refuses_an_implementation_torch_cannot_capture():
+def test_capturable_adamw_refuses_an_implementation_torch_cannot_capture(monkeypatch):
     with pytest.raises(ValueError, match="capturable AdamW needs torch's implementation"):
         make_optimizer(torch.nn.Linear(3, 4).parameters(), lr=1e-3, impl="apex", capturable=True)
+    # "auto" where it would pick apex (CUDA without torch's fused kernels): torch's foreach, which can be captured
+    import fastmae.speed as speed
+
+    monkeypatch.setattr(speed, "choose_adamw_impl", lambda params, impl: "apex")
+    opt = speed.make_optimizer(torch.nn.Linear(3, 4).parameters(), lr=1e-3, capturable=True)
+    assert opt.defaults["foreach"] and opt.defaults["capturable"]
 
 
 def test_set_lr_writes_into_the_same_tensor_and_applies_each_groups_scale():
