@@ -50,6 +50,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = value
 
 
+def cuda_device_of(tensors: Sequence[torch.Tensor]) -> torch.device:
+    """The one CUDA device all `tensors` are on; ValueError if they are elsewhere or on several."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise ValueError(f"fastmae: CUDA graphs need the step's inputs on one CUDA device, got "
+                         f"{sorted(map(str, devices))}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("fastmae: CUDA graphs need CUDA, which is not available")
+    return next(iter(devices))
+
+
 class GraphedTrainStep:
     """Calls `body(*static_inputs)` (one optimizer step: zero_grad, forward, backward, optimizer.step; it
     returns a tensor or a tuple of tensors, e.g. the loss) as one CUDA-graph replay per call.
@@ -62,12 +73,7 @@ class GraphedTrainStep:
                  static_inputs: Sequence[torch.Tensor], eager_steps: int = 3):
         if not static_inputs:
             raise ValueError("fastmae: GraphedTrainStep needs at least one static input tensor")
-        devices = {t.device for t in static_inputs}
-        if len(devices) != 1 or next(iter(devices)).type != "cuda":
-            raise ValueError("fastmae: CUDA graphs need the step's inputs on one CUDA device, got "
-                             f"{sorted(map(str, devices))}")
-        if not torch.cuda.is_available():
-            raise RuntimeError("fastmae: CUDA graphs need CUDA, which is not available")
+        device = cuda_device_of(static_inputs)
         if eager_steps < 1:
             raise ValueError(f"fastmae: eager_steps must be >= 1 (the optimizer's state and every kernel must exist "
                              f"before capture), got {eager_steps}")
@@ -77,7 +83,7 @@ class GraphedTrainStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
-        self.side_stream = torch.cuda.Stream(device=self.static_inputs[0].device)
+        self.side_stream = torch.cuda.Stream(device=device)
 
     @property
     def captured(self) -> bool:

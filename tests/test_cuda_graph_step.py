@@ -95,6 +95,90 @@ def test_graphed_step_on_cpu_tensors_says_it_needs_cuda():
         GraphedTrainStep(lambda x: model(x).sum(), opt, [torch.randn(2, 3)])
 
 
+class _EmulatedGraph:
+    """Stands in for torch.cuda.CUDAGraph on a CPU, to check GraphedTrainStep's sequencing (which call runs
+    eagerly, which captures, that capture is no optimizer step and each call is one, on its own batch). A real
+    capture records kernels without running them; here the body runs, so the capture context puts the weights
+    and the optimizer's state back afterwards. A real replay reruns the kernels into the memory of the captured
+    outputs; here the body runs again and its outputs are copied into those tensors. Not a test of capture."""
+
+    captures = 0
+
+    def __init__(self):
+        self.step = None  # the GraphedTrainStep being captured, set by the test
+
+    def replay(self):
+        outputs = self.step.body(*self.step.static_inputs)
+        for kept, new in zip(self.step.outputs, outputs):
+            kept.copy_(new)
+
+
+def _emulate_cuda(monkeypatch, model, optimizer, holder: list):
+    import contextlib
+
+    import fastmae.cuda_graph as cg
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = device
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g):
+        weights = [p.detach().clone() for p in model.parameters()]
+        state = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        _EmulatedGraph.captures += 1
+        g.step = holder[0]
+        yield
+        for p, w in zip(model.parameters(), weights):
+            p.data.copy_(w)
+        for p, saved in state.items():
+            for k, v in saved.items():
+                optimizer.state[p][k].copy_(v)
+
+    monkeypatch.setattr(cg, "cuda_device_of", lambda tensors: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _EmulatedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+def test_graphed_step_sequencing_each_call_is_one_step_on_its_batch(monkeypatch):
+    """Emulated on the CPU (_EmulatedGraph): 2 eager calls, the 3rd captures and replays once, later calls
+    replay; the losses and weights equal a plain loop over the same batches and noise, bit for bit."""
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    twin = copy.deepcopy(model)
+    plain_opt = make_optimizer(param_groups(model, 0.05), lr=1e-3, capturable=True)
+    graph_opt = make_optimizer(param_groups(twin, 0.05), lr=1e-3, capturable=True)
+    plain = _tiny_step(model, plain_opt, with_noise=True)
+    holder = []
+    _emulate_cuda(monkeypatch, twin, graph_opt, holder)
+    _EmulatedGraph.captures = 0
+    length = model.patch_embed.num_patches
+    graphed = GraphedTrainStep(_tiny_step(twin, graph_opt, with_noise=True), graph_opt,
+                               [torch.empty(3, 3, 32, 32), torch.empty(3, length)], eager_steps=2)
+    holder.append(graphed)
+    gen = torch.Generator().manual_seed(1)
+    outputs = []
+    for call in range(6):
+        batch, noise = torch.randn(3, 3, 32, 32, generator=gen), torch.rand(3, length, generator=gen)
+        if call == 4:  # a schedule's change reaches the replays
+            set_lr(plain_opt, 3e-3)
+            set_lr(graph_opt, 3e-3)
+        want, _ = plain(batch, noise)
+        got = graphed(batch, noise)
+        assert graphed.captured == (call >= 2) and _EmulatedGraph.captures == (call >= 2)
+        assert torch.equal(got[0], want), call
+        outputs.append(got)
+    assert all(o is outputs[2] for o in outputs[3:])  # replays return the captured outputs' memory
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert int(graph_opt.state[next(twin.parameters())]["step"]) == 6  # six calls, six optimizer steps
+
+
 # ---------------------------------------------------------------------------------------------------- GPU only
 
 
