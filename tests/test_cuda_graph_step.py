@@ -204,6 +204,7 @@ def _cuda_tiny(seed: int = 0):
 def test_a_captured_step_follows_the_eager_step_given_the_same_batches_and_noise():
     model, imgs = _cuda_tiny()
     twin = copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
     eager_opt = make_optimizer(param_groups(model, 0.05), lr=1e-3)
     graph_opt = make_optimizer(param_groups(twin, 0.05), lr=1e-3, capturable=True)
     eager = _tiny_step(model, eager_opt, with_noise=True)
@@ -218,8 +219,12 @@ def test_a_captured_step_follows_the_eager_step_given_the_same_batches_and_noise
         got, _ = graphed(batch, noise)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"step {step}")
     assert graphed.captured
-    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+    # How far the weights moved, all together: Adam divides each gradient by its own running size, so where a
+    # gradient is at rounding level (an atomic-order difference in an attention backward) one element may move
+    # differently; the movement as a whole must agree.
+    moved = torch.cat([(a - a0).flatten() for a, a0 in zip(model.parameters(), start)])
+    moved_twin = torch.cat([(b - a0).flatten() for b, a0 in zip(twin.parameters(), start)])
+    assert moved.norm() > 0 and (moved_twin - moved).norm() <= 1e-3 * moved.norm()
 
 
 @cuda
