@@ -250,7 +250,12 @@ def make_graphed_step(model, optimizer, imgs: torch.Tensor, mask_ratio: float, *
         return loss
 
     graphed = GraphedTrainStep(body, optimizer, [torch.empty_like(imgs)], eager_steps=GRAPH_EAGER_STEPS)
-    return lambda: graphed(imgs)
+
+    def step() -> torch.Tensor:
+        return graphed(imgs)
+
+    step.graphed = graphed  # run_variant reports its capture time
+    return step
 
 
 def count_step(spec: Variant, name: str, state: dict, imgs: torch.Tensor, args) -> tuple[common.FlopCount, dict]:
@@ -319,6 +324,8 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
             warmup = max(args.warmup, GRAPH_EAGER_STEPS + 1) if spec.graphed else args.warmup  # capture untimed
             timing = common.time_steps(step, device, warmup=warmup, iters=args.steps)
             row["final_loss"] = float(step().detach().float())
+            if spec.graphed:
+                row["capture_s"] = step.graphed.capture_s
         row.update(
             step_ms=timing["median_s"] * 1e3,
             step_ms_p20=timing["p20_s"] * 1e3,

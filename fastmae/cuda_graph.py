@@ -21,6 +21,7 @@ Triton kernels and the optimizer's state before capture (none of that may happen
 call captures and replays. Every call is one optimizer step on the batch it was given.
 """
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,6 +84,7 @@ class GraphedTrainStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: Any = None
+        self.capture_s: float | None = None  # host seconds the capture took (it synchronizes first)
         self.side_stream = torch.cuda.Stream(device=device)
 
     @property
@@ -124,6 +126,7 @@ class GraphedTrainStep:
     def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
         graph = torch.cuda.CUDAGraph()
+        start = time.perf_counter()
         try:
             with torch.cuda.graph(graph):
                 self.outputs = self.body(*self.static_inputs)
@@ -134,3 +137,4 @@ class GraphedTrainStep:
                 "pageable host memory, synchronize, or change shapes between steps; run it without CUDA graphs. "
                 f"CUDA said: {exc}") from exc
         self.graph = graph
+        self.capture_s = time.perf_counter() - start

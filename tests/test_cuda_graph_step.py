@@ -175,6 +175,7 @@ def test_graphed_step_sequencing_each_call_is_one_step_on_its_batch(monkeypatch)
         assert torch.equal(got[0], want), call
         outputs.append(got)
     assert all(o is outputs[2] for o in outputs[3:])  # replays return the captured outputs' memory
+    assert graphed.capture_s > 0
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert int(graph_opt.state[next(twin.parameters())]["step"]) == 6  # six calls, six optimizer steps
 
