@@ -76,10 +76,6 @@ BUILD=$!
 #    With them the whole-step CUDA graph's tests (fastmae/cuda_graph.py, 2026-12-05: never run on a GPU).
 stage triton_tests 150 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py \
   tests/test_triton_bias_gelu.py tests/test_kernel_fallbacks.py tests/test_cuda_graph_step.py
-# 1b. Host time per fused block op call, real launches (NOTES §7.3: autograd around the fused ops, not the Triton
-#    launch, is the cost; new since: the launchers on a second thread, as autograd's CUDA worker runs them). ~45 s
-#    (a 40 s limit cut it on 2026-12-04).
-stage host_overhead 60 python benchmarks/host_overhead.py --calls 200 --out "$WORK/host_overhead"
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
 
 # 1c. The eager step, 3 rounds each: ViT-H/14 b64 with a profile here, ViT-B/16 b256 at 1e (NOTES §7.3: since
@@ -100,6 +96,11 @@ TAIL=12 stage e2e_L_compiled 250 "${E2E[@]}" --models L --variants ref-compiled,
 #    call reaches only if it goes first. The eager fused norm and GELU A/Bs (§6.5, §6.6) are under 6.
 TAIL=12 stage e2e_B_eager 130 "${E2E[@]}" --models B --rounds 3 --out "$WORK/e2e_B_eager" \
   --variants ref-eager,fast-eager,fast-eager-graphed,fast-eager-fusedblocks-graphed
+# 1f. Host time per fused block op call, real launches (NOTES §7.3, measured twice on 2026-12-04: autograd around
+#    the fused ops, not the Triton launch, is the cost; new since: the launchers on a second thread, as autograd's
+#    CUDA worker runs them). ~45 s (a 40 s limit cut it on 2026-12-04). After the e2e stages since 2026-12-05, so
+#    that one call reaches compiled ViT-L.
+stage host_overhead 60 python benchmarks/host_overhead.py --calls 200 --out "$WORK/host_overhead"
 
 # 2. The trainer itself on the GPU (first run on the H200, 2026-12-04: all passed): ViT-B, --precision bf16
 #    (autocast over fp32 weights), ZeRO-2, synthetic data, 30 steps with a checkpoint at step 20, and the
