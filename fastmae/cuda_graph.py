@@ -12,7 +12,8 @@ A step can be captured when (each is checked here where it can be; CUDA's captur
   (tests/test_host_syncs.py); its random numbers come from torch's CUDA generator, which is graph-safe, so
   every replay draws new masking noise;
 - its optimizer was built with capturable=True and a tensor lr (`make_optimizer(..., capturable=True)`),
-  changed in place between replays (`set_lr`): a float lr would be frozen into the graph at capture;
+  changed in place between replays (`fastmae.train.schedule.set_lr`): a float lr would be frozen into the
+  graph at capture;
 - autocast runs without its cast cache (`torch.autocast(..., cache_enabled=False)`, as torch's CUDA-graph
   notes require).
 
@@ -37,18 +38,8 @@ def check_capturable_optimizer(optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(group["lr"], torch.Tensor):
             raise ValueError(f"fastmae: param group {i} holds its lr as a {type(group['lr']).__name__}; a captured "
                              "step would keep the value it had at capture for ever. Give it a tensor lr "
-                             "(make_optimizer(..., capturable=True) does) and change it with set_lr")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Sets every group's lr to `lr` x its "lr_scale" (1 if none): in place where the lr is a tensor, so a
-    captured step, which reads the tensor's memory, sees the new value at its next replay. No host wait."""
-    for group in optimizer.param_groups:
-        value = lr * group.get("lr_scale", 1.0)
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(value)
-        else:
-            group["lr"] = value
+                             "(make_optimizer(..., capturable=True) does) and change it with "
+                             "fastmae.train.schedule.set_lr")
 
 
 def cuda_device_of(tensors: Sequence[torch.Tensor]) -> torch.device:

@@ -112,7 +112,7 @@ def make_optimizer(
 
     `capturable`: for a step captured into a CUDA graph (fastmae.cuda_graph): torch's AdamW with
     capturable=True and every group's lr as a 0-d fp32 tensor on the parameters' device, which
-    fastmae.cuda_graph.set_lr changes in place (a float lr would be frozen into the graph)."""
+    fastmae.train.schedule.set_lr changes in place (a float lr would be frozen into the graph)."""
     groups = list(param_groups)
     params = _flat_params(groups)
     if not params:

@@ -10,10 +10,11 @@ import copy
 import pytest
 import torch
 
-from fastmae.cuda_graph import GraphedTrainStep, check_capturable_optimizer, set_lr
+from fastmae.cuda_graph import GraphedTrainStep, check_capturable_optimizer
 from fastmae.models import create_model
 from fastmae.speed import make_optimizer
 from fastmae.train.optim import param_groups
+from fastmae.train.schedule import set_lr  # the trainer's: a tensor lr is written in place
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 TINY = "mae_vit_tiny_patch4_dec64d2b"

@@ -7,6 +7,8 @@ per optimizer step at the first micro-batch of the step, exactly as the official
 
 import math
 
+import torch
+
 
 def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
     if epoch < warmup_epochs:
@@ -16,6 +18,12 @@ def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epoch
 
 
 def set_lr(optimizer, value: float) -> None:
-    """Sets every group's lr (groups may carry an `lr_scale`, as in fine-tuning recipes)."""
+    """Sets every group's lr (groups may carry an `lr_scale`, as in fine-tuning recipes). A tensor lr (a
+    capturable optimizer's, fastmae.cuda_graph) is written in place, no host wait: a captured step reads that
+    tensor's memory and sees the new value at its next replay."""
     for group in optimizer.param_groups:
-        group["lr"] = value * group.get("lr_scale", 1.0)
+        scaled = value * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(scaled)
+        else:
+            group["lr"] = scaled
