@@ -23,6 +23,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
 
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
+from fastmae_kernels.triton_ops.attention import (  # noqa: E402
+    _attention_delta_kernel,
+    _attention_dkdv_kernel,
+    _attention_dq_kernel,
+    _attention_forward_kernel,
+    _configs,
+)
 from fastmae_kernels.triton_ops.add_layer_norm import (  # noqa: E402
     _add_layer_norm_backward_kernel,
     _add_layer_norm_forward_kernel,
@@ -35,7 +42,7 @@ from fastmae_kernels.triton_ops.random_masking import _invert_kernel  # noqa: E4
 
 
 def compile_variant(fn, pointers: dict, consts: dict, target: GPUTarget, floats=(), num_warps: int = 4,
-                    attrs: dict | None = None):
+                    attrs: dict | None = None, num_stages: int | None = None):
     signature = {}
     for name in fn.arg_names:
         if name in consts:
@@ -45,6 +52,8 @@ def compile_variant(fn, pointers: dict, consts: dict, target: GPUTarget, floats=
         else:
             signature[name] = "fp32" if name in floats else "i32"
     options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=options)
 
 
@@ -103,9 +112,30 @@ def variants():
         yield f"bias_gelu {x}+{bias}", _bias_gelu_forward_kernel, ptrs, dict(BLOCK_R=16, BLOCK_F=256), (), 8
         ptrs = dict(dy_ptr=x, x_ptr=x, bias_ptr=bias, dx_ptr=x, db_ptr="fp32")
         yield f"bias_gelu_backward {x}+{bias}", _bias_gelu_backward_kernel, ptrs, dict(BLOCK_R=8, BLOCK_F=256), (), 8
+    yield from attention_variants()
     for mask in ("fp32", "bf16", "fp64"):
         ptrs = dict(shuffle_ptr="i64", keep_ptr="i64", restore_ptr="i64", mask_ptr=mask)
         yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
+
+
+def attention_variants():
+    """Every tile the attention autotuner may pick, bf16 (autocast, bf16 weights) at the head dims of ViT-B/L
+    and the decoders (32, 64) and ViT-H (80 -> 128); fp32 and fp16 at the first tile of each set."""
+    floats = ("qk_scale", "sm_scale")
+    for big_head, block_d in ((False, 32), (False, 64), (True, 128)):
+        for backward, kernels in ((False, (_attention_forward_kernel,)),
+                                  (True, (_attention_dkdv_kernel, _attention_dq_kernel))):
+            for i, config in enumerate(_configs(big_head, backward)):
+                for dtype in ("bf16",) if i else ("bf16", "fp32", "fp16"):
+                    for fn in kernels:
+                        ptrs = {name: ("fp32" if name in ("lse_ptr", "delta_ptr") else dtype)
+                                for name in fn.arg_names if name.endswith("_ptr")}
+                        consts = dict(config.kwargs, BLOCK_D=block_d, IEEE=dtype == "fp32", INTERP=False)
+                        tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                        yield (f"{fn.__name__.strip('_')} {dtype} D{block_d} {tile} w{config.num_warps}", fn, ptrs,
+                               consts, floats, (config.num_warps, config.num_stages))
+    ptrs = dict(o_ptr="bf16", do_ptr="bf16", delta_ptr="fp32")
+    yield "attention_delta bf16 D32", _attention_delta_kernel, ptrs, dict(BLOCK_M=128, BLOCK_D=32), ()
 
 
 def ptxas_usage(ptx: str, arch: int) -> str:
@@ -164,8 +194,9 @@ def widths(arch: int = 90) -> None:
 
 def main(arch: int = 90) -> None:
     target = GPUTarget("cuda", arch, 32)
-    for name, fn, ptrs, consts, floats, *warps in variants():
-        kernel = compile_variant(fn, ptrs, consts, target, floats, num_warps=warps[0] if warps else 4)
+    for name, fn, ptrs, consts, floats, *launch in variants():
+        warps, stages = (launch[0] if isinstance(launch[0], tuple) else (launch[0], None)) if launch else (4, None)
+        kernel = compile_variant(fn, ptrs, consts, target, floats, num_warps=warps, num_stages=stages)
         assert kernel.asm.get("cubin"), name
         print(f"sm_{arch} ok  {name}: {ptxas_usage(kernel.asm['ptx'], arch)}")
 

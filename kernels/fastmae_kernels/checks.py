@@ -169,3 +169,19 @@ def check_bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> None:
     if tuple(bias.shape) != (x.shape[-1],):
         _fail(op, f"bias must be [{x.shape[-1]}] (x's last dimension), got {tuple(bias.shape)}")
     _check_same_device(op, x=x, bias=bias)
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    op = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_ndim(op, name, t, 4, "[B, H, rows, head_dim]")
+        _check_float(op, name, t)
+    _check_same_device(op, q=q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        _fail(op, f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        _fail(op, f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        _fail(op, f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, heads and head_dim")
+    if k.shape[2] == 0 and q.shape[2] > 0:
+        _fail(op, "k and v need at least one row (a softmax over no keys is undefined)")

@@ -1,9 +1,12 @@
 """Public MAE ops. Each validates its inputs once, then runs on the chosen backend."""
 
 import torch
+import torch.nn.functional as F
 
 from fastmae_kernels import checks
 from fastmae_kernels.dispatch import backend_module
+
+ATTENTION_BACKENDS = ("sdpa", "triton")
 
 
 def random_masking(noise: torch.Tensor, mask_ratio: float, backend: str = "auto"):
@@ -81,3 +84,22 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> tor
     returning the bias gradient (fp32 sums) from the same pass as x's."""
     checks.check_bias_gelu(x, bias)
     return backend_module(backend, x.device).bias_gelu(x, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """q [B, H, M, D], k and v [B, H, N, D] -> softmax(q k^T / sqrt(D)) v [B, H, M, D], no mask, no dropout.
+
+    backend "sdpa": torch's scaled_dot_product_attention (cuDNN or FlashAttention on a GPU, as torch picks).
+    "triton": fastmae's kernels for short sequences (fastmae_kernels.triton_ops.attention), whose output and
+    gradients are [B, H, *, D] views of [B, *, H, D] buffers. Under autocast both compute in autocast's dtype,
+    as scaled_dot_product_attention does."""
+    checks.check_attention(q, k, v)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend != "triton":
+        raise ValueError(f"fastmae_kernels.attention: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    device = q.device.type
+    if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return backend_module("triton", q.device).attention(q, k, v)

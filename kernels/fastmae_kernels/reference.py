@@ -161,3 +161,14 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     is what the fused kernel does and is the more exact of the two.)"""
     acc_dtype = torch.promote_types(torch.promote_types(x.dtype, bias.dtype), torch.float32)
     return F.gelu(x.to(acc_dtype) + bias.to(acc_dtype)).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v, step by step in the inputs' dtype (the naive formulation FlashAttention's
+    tests hold kernels to): the scores and the output rounded to that dtype by their matmuls, the softmax
+    computed in fp32 (fp64 for fp64) and rounded. q [B, H, M, D], k, v [B, H, N, D] -> [B, H, M, D]."""
+    scale = q.shape[-1] ** -0.5
+    scores = (q * scale) @ k.transpose(-2, -1)  # [B, H, M, N]
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    probs = torch.softmax(scores.to(acc_dtype), dim=-1).to(v.dtype)
+    return probs @ v

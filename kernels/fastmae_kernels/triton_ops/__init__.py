@@ -1,4 +1,5 @@
-"""The "triton" backend: fused Triton kernels for the five MAE ops, add_layer_norm and bias_gelu, forward and backward.
+"""The "triton" backend: fused Triton kernels for the five MAE ops, add_layer_norm and bias_gelu, forward and backward;
+and attention for short sequences (reached through fastmae_kernels.attention(..., backend="triton") only).
 
 One file per op (kernel -> launcher -> autograd), each op registered as a `torch.library.custom_op`
 in the `fastmae_triton` namespace with a fake implementation, so torch.compile traces it as a single
@@ -9,6 +10,7 @@ Triton interpreter (TRITON_INTERPRET=1 set before import), which is for tests, n
 
 from fastmae_kernels.triton_ops._common import unavailable_reason
 from fastmae_kernels.triton_ops.add_layer_norm import add_layer_norm
+from fastmae_kernels.triton_ops.attention import attention
 from fastmae_kernels.triton_ops.bias_gelu import bias_gelu
 from fastmae_kernels.triton_ops.gather_patches import gather_patches
 from fastmae_kernels.triton_ops.gather_tokens import gather_tokens
@@ -25,4 +27,5 @@ __all__ = [
     "masked_mse_loss",
     "add_layer_norm",
     "bias_gelu",
+    "attention",
 ]

@@ -1,0 +1,367 @@
+"""attention: softmax(q k^T / sqrt(D)) v for the short sequences of MAE (50-257 tokens), forward and backward.
+
+Why a kernel of our own: on the H200 (2026-12-04) torch's SDPA ran every ViT-B/16 attention call, the encoder's
+(50 tokens, head dim 64) and the decoder's (197 tokens, head dim 32), through one cuDNN kernel tiled
+64x64x64: the decoder's head dim 32 is padded to 64 in both of its matmuls, and 197 tokens to 256 rows. Its
+backward took 5.6 ms and its forward 2.5 ms of a 49.5 ms compiled step, plus 1.4 ms of cuDNN's helper kernels
+(dq conversion, dO.O), against a matmul floor of ~1.4 ms (benchmarks/NOTES.md §7.5). These kernels tile the
+head dim at its own size (rounded up to a power of two, at least 16) and the sequence in blocks of 32-128
+chosen per shape by Triton's autotuner on the card.
+
+The math is FlashAttention-2's (Dao, 2023): the forward keeps a running max and sum per query row (online
+softmax, exp2 on scores pre-scaled by log2 e) and stores the row's log-sum-exp; the backward recomputes the
+probabilities from it. Three backward kernels: delta = rowsum(dO * O); dK, dV with one program per key block
+walking every query block; dQ with one program per query block walking every key block. Every gradient is
+written once by one program: no atomics, deterministic. As in FlashAttention, the probabilities (forward) and
+dS (backward) are rounded to the inputs' dtype before their second matmul; everything else accumulates in fp32.
+
+Layouts: q [B, H, M, D], k and v [B, H, N, D] with any strides whose last is 1 (the ViT's q, k, v are views of
+the qkv GEMM's output: no copy). The output and the gradients come back as [B, H, *, D] views of
+[B, *, H, D] buffers, so the block's `transpose(1, 2).reshape(B, M, H * D)` is free, as after torch's SDPA.
+
+kernels -> launchers -> two custom ops (`fastmae_triton::attention` and its backward) -> autograd; in eager
+mode an autograd.Function calls the same launchers without the custom ops' dispatch.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmae_kernels.checks import KERNEL_DTYPES
+from fastmae_kernels.triton_ops._cast import round_to
+from fastmae_kernels.triton_ops._common import INTERPRETED, skip_custom_op
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 -> DTYPE to nearest even; the interpreter truncates to bf16, so there it rounds on the bits."""
+    if INTERP:
+        return round_to(x, DTYPE)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 inputs in full fp32 (Triton's default for them is TF32). The
+    interpreter's dot gives garbage for bf16 operands (Triton 3.8): there they go in as fp32, which holds
+    them exactly, so the products and the fp32 sums are the tensor cores' (up to summation order)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
+    heads, q_len, kv_len, head_dim, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Program (i, bh): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of batch bh // heads, head bh % heads.
+    Writes their output rows and lse_ptr[bh, row] = the log2-sum-exp2 of their scaled scores."""
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    row_ok = rows < q_len
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_base = k_ptr + b * k_sb + h * k_sh
+    v_base = v_ptr + b * v_sb + h * v_sh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, kv_len, BLOCK_N):  # every block holds at least one real key: m_i turns finite at once
+        cols = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        col_ok = cols < kv_len
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * k_sn + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * v_sn + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERP), v, IEEE, INTERP)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sn + d[None, :],
+             _cast(out, o_ptr.dtype.element_ty, INTERP), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * q_len + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attention_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, o_sb, o_sh, o_sn, do_sb, do_sh, do_sn, heads, q_len, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[bh, row] = sum_d O[row, d] * dO[row, d] in fp32: the softmax backward's row term."""
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    ok = (rows < q_len)[:, None] & (d < head_dim)[None, :]
+    o = tl.load(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sn + d[None, :], mask=ok, other=0.0)
+    do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sn + d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
+
+
+@triton.jit
+def _attention_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn, g_sb, g_sh, g_sn,
+    heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Program (j, bh): dK and dV of key rows [j * BLOCK_N, (j + 1) * BLOCK_N), from every query block.
+    dV = P^T dO; dK = dS^T Q * scale with dS = P * (dO V^T - delta). dk and dv share strides (g_*)."""
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    col_ok = cols < kv_len
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + cols[:, None] * k_sn + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + cols[:, None] * v_sn + d[None, :], mask=kv_mask, other=0.0)
+    q_base = q_ptr + b * q_sb + h * q_sh
+    do_base = do_ptr + b * do_sb + h * do_sh
+    row_stats = bh.to(tl.int64) * q_len
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(0, q_len, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        row_ok = rows < q_len
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * q_sn + d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dv += _dot(tl.trans(_cast(p, do.dtype, INTERP)), do, IEEE, INTERP)  # [BLOCK_N, BLOCK_D]
+        dp = _dot(do, tl.trans(v), IEEE, INTERP)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(_cast(ds, q.dtype, INTERP)), q, IEEE, INTERP)
+    g_at = b * g_sb + h * g_sh + cols[:, None] * g_sn + d[None, :]
+    tl.store(dk_ptr + g_at, _cast(dk * sm_scale, dk_ptr.dtype.element_ty, INTERP), mask=kv_mask)
+    tl.store(dv_ptr + g_at, _cast(dv, dv_ptr.dtype.element_ty, INTERP), mask=kv_mask)
+
+
+@triton.jit
+def _attention_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, do_sb, do_sh, do_sn, g_sb, g_sh, g_sn,
+    heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Program (i, bh): dQ of query rows [i * BLOCK_M, (i + 1) * BLOCK_M) = dS K * scale, over every key block."""
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    row_ok = rows < q_len
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sn + d[None, :], mask=q_mask, other=0.0)
+    row_stats = bh.to(tl.int64) * q_len
+    lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
+    k_base = k_ptr + b * k_sb + h * k_sh
+    v_base = v_ptr + b * v_sb + h * v_sh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, kv_len, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < kv_len
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * k_sn + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_base + cols[:, None] * v_sn + d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE, INTERP)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_cast(ds, k.dtype, INTERP), k, IEEE, INTERP)  # [BLOCK_M, BLOCK_D]
+    tl.store(dq_ptr + b * g_sb + h * g_sh + rows[:, None] * g_sn + d[None, :],
+             _cast(dq * sm_scale, dq_ptr.dtype.element_ty, INTERP), mask=q_mask)
+
+
+def _head_block(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
+
+
+def _configs(big_head: bool, backward: bool) -> list[triton.Config]:
+    """Candidate tiles for the autotuner (on a GPU; the interpreter takes `_INTERPRETER_BLOCKS`): (BLOCK_M,
+    BLOCK_N, warps) for head dims up to 64 (ViT-B/L, every decoder) and above (ViT-H's 80 -> 128). The backward
+    keeps two [BLOCK_N, D] accumulators and recomputes P: smaller tiles or 8 warps. Every tile compiles for
+    sm_90 in bf16 (tests/triton_aot_compile.py prints registers and spills); fp32 inputs run the same tiles
+    without tensor cores and spill, a correctness path, not a fast one."""
+    if backward:
+        tiles = [(64, 32, 4), (32, 64, 8), (64, 64, 8)] if big_head else [(64, 64, 4), (32, 64, 4), (64, 64, 8),
+                                                                             (64, 128, 8)]
+    else:
+        tiles = [(64, 32, 4), (64, 64, 4), (128, 32, 8)] if big_head else [(64, 64, 4), (128, 64, 8), (64, 128, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in tiles]
+
+
+_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # small tiles: tests cover several blocks and a partial one
+
+
+def _tuned(kernel, backward: bool):
+    """(small-head kernel, big-head kernel): autotuned per (q_len, kv_len, head_dim) on a GPU."""
+    if INTERPRETED:
+        return kernel, kernel
+    key = ["q_len", "kv_len", "head_dim"]
+    return (triton.autotune(_configs(False, backward), key=key)(kernel),
+            triton.autotune(_configs(True, backward), key=key)(kernel))
+
+
+_FORWARD = _tuned(_attention_forward_kernel, backward=False)
+_DKDV = _tuned(_attention_dkdv_kernel, backward=True)
+_DQ = _tuned(_attention_dq_kernel, backward=True)
+
+
+def _launch(kernels, grid_rows_arg: str, rows: int, bh: int, head_dim: int, *args, **consts):
+    """Launches the small- or big-head variant; the grid is (row blocks of `grid_rows_arg`, B * H)."""
+    kernel = kernels[head_dim > 64]
+    extra = dict(_INTERPRETER_BLOCKS) if INTERPRETED else {}
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta[grid_rows_arg]), bh)
+
+    kernel[grid](*args, **consts, **extra)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _heads_last(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty [B, H, rows, D] view of a [B, rows, H, D] buffer (what the block's transpose + reshape reads)."""
+    b, h, _, d = like.shape
+    return torch.empty((b, rows, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, M, D], k, v [B, H, N, D] -> (out [B, H, M, D] in q's dtype, lse [B * H, M] fp32, log2 units)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    out = _heads_last(q, m)
+    lse = torch.empty((b * h, m), dtype=torch.float32, device=q.device)
+    if out.numel():
+        _launch(_FORWARD, "BLOCK_M", m, b * h, d, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
+                *_strides(out), h, m, n, d, LOG2E / math.sqrt(d),
+                BLOCK_D=_head_block(d), IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
+    return out, lse
+
+
+attention_op = torch.library.custom_op("fastmae_triton::attention", _forward, mutates_args=())
+
+
+@attention_op.register_fake
+def _(q, k, v):
+    b, h, m, d = q.shape
+    return _heads_last(q, m), q.new_empty((b * h, m), dtype=torch.float32)
+
+
+def _backward_launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), each in its input's dtype, as [B, H, *, D] views of [B, *, H, D] buffers."""
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    dq, dk, dv = _heads_last(q, m), _heads_last(k, n), _heads_last(v, n)
+    if dk.dtype != dv.dtype:  # they share one launch's stores; mixed dtypes are not a case the model has
+        raise ValueError(f"fastmae_kernels.attention: k and v must share a dtype, got {k.dtype} and {v.dtype}")
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = _head_block(d)
+    delta = torch.empty((b * h, m), dtype=torch.float32, device=q.device)
+    delta_rows = 64 if INTERPRETED else max(1, 4096 // block_d)
+    _attention_delta_kernel[(triton.cdiv(m, delta_rows), b * h)](
+        out, do, delta, *_strides(out), *_strides(do), h, m, d, BLOCK_M=delta_rows, BLOCK_D=block_d)
+    scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
+    common = dict(BLOCK_D=block_d, IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
+    _launch(_DKDV, "BLOCK_N", n, b * h, d, q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k),
+            *_strides(v), *_strides(do), *_strides(dk), h, m, n, d, *scales, **common)
+    _launch(_DQ, "BLOCK_M", m, b * h, d, q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k),
+            *_strides(v), *_strides(do), *_strides(dq), h, m, n, d, *scales, **common)
+    return dq, dk, dv
+
+
+attention_backward_op = torch.library.custom_op("fastmae_triton::attention_backward", _backward_launch,
+                                                mutates_args=())
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, out, lse):
+    return _heads_last(q, q.shape[2]), _heads_last(k, k.shape[2]), _heads_last(v, v.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    return _gradients(ctx, do, attention_backward_op)
+
+
+def _gradients(ctx, do, backward_launch):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = backward_launch(do, q, k, v, out, lse)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' launchers called directly in eager mode (host time; as bias_gelu's `_EagerBiasGelu`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = _forward(q, k, v)
+        _setup_context(ctx, (q, k, v), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        return _gradients(ctx, do, _backward_launch)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"fastmae_kernels.attention: the triton backend supports float32, bfloat16 and float16, got "
+                         f"{q.dtype} (use backend='sdpa' for float64)")
+    if skip_custom_op():
+        return _EagerAttention.apply(q, k, v)[0]
+    return attention_op(q, k, v)[0]
