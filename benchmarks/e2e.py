@@ -57,6 +57,8 @@ class Variant:
     gelu_backend: str | None = None  # fastmae's MLP fc1 bias + GELU, likewise ("torch": nn.Linear + nn.GELU)
     caller_thread_backward: bool = False  # backward on the calling thread, not autograd's CUDA worker thread
     graphed: bool = False  # the whole step (forward, backward, AdamW) captured once into a CUDA graph, replayed
+    attn: str | None = None  # fastmae's attention, encoder and decoder: "sdpa" (None) or "triton" (NOTES §7.5)
+    decoder_attn: str | None = None  # the decoder's alone, where it differs from `attn`
 
     def forward_kwargs(self) -> dict:
         return {"masked_only": True} if self.masked_only and not self.reference else {}
@@ -98,6 +100,11 @@ VARIANTS = {
                                               graphed=True),
     "ref-eager-graphed": Variant(reference=True, graphed=True),
     "fast-compiled-graphed": Variant(reference=False, mode="default", graphed=True),
+    # fastmae_kernels' Triton attention (head dim tiled at its size) instead of SDPA's cuDNN kernel, everywhere or
+    # in the decoder only (head dim 32, which cuDNN's 64x64x64 tile pads; NOTES §7.5)
+    "fast-compiled-tritonattn": Variant(reference=False, mode="default", attn="triton"),
+    "fast-compiled-tritonattn-dec": Variant(reference=False, mode="default", decoder_attn="triton"),
+    "fast-eager-tritonattn": Variant(reference=False, attn="triton"),
     # GEMMs autotuned against Inductor's Triton templates, the GELU and its gradient fusable into their epilogues
     "fast-compiled-autotune": Variant(reference=False, mode="max-autotune-no-cudagraphs"),
 }
@@ -107,7 +114,7 @@ GPU_DEFAULT = "ref-eager,ref-compiled,fast-eager,fast-compiled,fast-cudagraphs"
 CPU_DEFAULT = "ref-eager,fast-eager"
 COLUMNS = ["model", "variant", "batch", "status", "img_s", "step_ms", "step_ms_p20", "step_ms_p80",
            "effective_tflops", "mfu", "own_tflops", "own_gflop_per_img", "ref_gflop_per_img", "peak_mem_gib",
-           "first_step_s", "final_loss", "adamw", "kernels", "norms", "gelus", "rounds", "round_spread",
+           "first_step_s", "final_loss", "adamw", "kernels", "norms", "gelus", "attention", "rounds", "round_spread",
            "alloc_events"]
 
 
@@ -177,8 +184,11 @@ class SdpaBackend(torch.nn.Module):
 
 def create_variant_model(spec: Variant, name: str, backend: str):
     """The model of one variant, on the CPU with its initial weights, neither compiled nor moved."""
-    kwargs = {} if spec.reference else {"backend": spec.backend or backend, "norm_backend": spec.norm_backend or "auto",
-                                        "gelu_backend": spec.gelu_backend or "auto"}
+    if spec.reference:
+        return create_model(name, reference=True)
+    kwargs = {"backend": spec.backend or backend, "norm_backend": spec.norm_backend or "auto",
+              "gelu_backend": spec.gelu_backend or "auto", "attn_backend": spec.attn or "sdpa",
+              "decoder_attn_backend": spec.decoder_attn}
     return create_model(name, reference=spec.reference, **kwargs)
 
 
@@ -213,6 +223,13 @@ def fused_path(spec: Variant, model, device: torch.device, op: str) -> str:
         if backend != "torch":
             return f"{op} ({backend})"
     return "inductor" if spec.mode else "torch ops"
+
+
+def attention_path(spec: Variant) -> str:
+    """Which attention the variant's encoder and decoder ran, e.g. "sdpa" or "encoder sdpa, decoder triton"."""
+    encoder = "sdpa" if spec.reference else spec.attn or "sdpa"
+    decoder = encoder if spec.reference or spec.decoder_attn is None else spec.decoder_attn
+    return encoder if encoder == decoder else f"encoder {encoder}, decoder {decoder}"
 
 
 GRAPH_EAGER_STEPS = 3  # a graphed variant's eager steps before its capture (all within the untimed warm-up)
@@ -310,7 +327,7 @@ def run_variant(variant: str, name: str, state: dict, imgs: torch.Tensor, args, 
     if variant == "fast-compiled" and args.fast_compile_mode:
         spec = replace(spec, mode=args.fast_compile_mode)
     row = {"variant": variant, "status": "ok", "compile_mode": spec.mode, "grad_ckpt": spec.ckpt,
-           "sdpa": spec.sdpa or "default"}
+           "sdpa": spec.sdpa or "default", "attention": attention_path(spec)}
     try:
         with common.PeakMemory(device, above_current=keep) as mem:
             model, optimizer = build(spec, name, state, device, args.lr, args.backend)

@@ -73,10 +73,34 @@ timeout 60 python -c "import json, torch; from benchmarks.kernels.timing import 
 log "start build (background, limit 200s)"
 timeout 200 python -m pip install --no-build-isolation --no-deps -e . >"$WORK/build.log" 2>&1 &
 BUILD=$!
+E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 #    With them the whole-step CUDA graph's tests (fastmae/cuda_graph.py, 2026-12-05: never run on a GPU).
+#    And the Triton attention's (2026-12-05: only run in the interpreter and compiled for sm_90).
 stage triton_tests 150 python -m pytest -q -p no:cacheprovider tests/test_triton_loss.py tests/test_triton_add_layer_norm.py \
-  tests/test_triton_bias_gelu.py tests/test_kernel_fallbacks.py tests/test_cuda_graph_step.py
+  tests/test_triton_bias_gelu.py tests/test_kernel_fallbacks.py tests/test_cuda_graph_step.py \
+  tests/test_triton_attention.py
 wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/    /' >>"$DEST/summary.log"
+
+# 1b. Attention, the largest kernel time of the compiled ViT-B step that is not a GEMM (9.5 ms of 49.5 on the H200,
+#    2026-12-04): SDPA ran the decoder's head dim 32 through cuDNN's 64x64x64 tile. fastmae_kernels' Triton
+#    attention (head dim tiled at its size) against SDPA as torch picks it and with each backend forced, forward +
+#    backward at every stack's shape of B, H and L (NOTES §7.5: the decoder 0.8-1.6x, the encoder 0.6-1.1x). ~100 s,
+#    most of it the autotuner's compiles; then, only if the Triton decoder beat SDPA's, the compiled ViT-B step with
+#    it (decoder only, and everywhere) against fast-compiled in 2 rounds (§7.5: 0.96-1.06x, 0.94-1.07x).
+stage attention 120 python benchmarks/attention.py --models B,H,L --out "$WORK/attention"
+if python - "$WORK/attention/attention.json" <<'PY' >>"$DEST/summary.log" 2>&1
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+ms = {r["impl"]: r.get("fwd_bwd_ms") for r in rows if (r["model"], r["stack"]) == ("B", "decoder")}
+print(f"    B decoder attention fwd+bwd ms: {ms}")
+sys.exit(0 if ms.get("triton") and ms.get("sdpa") and ms["triton"] < ms["sdpa"] else 1)
+PY
+then
+  TAIL=14 stage e2e_B_attn 240 "${E2E[@]}" --models B --rounds 2 --out "$WORK/e2e_B_attn" \
+    --variants fast-compiled,fast-compiled-tritonattn-dec,fast-compiled-tritonattn
+else
+  log "skip e2e_B_attn: the Triton decoder attention did not beat SDPA's (or was not measured)"
+fi
 
 # 1c. The eager step, 3 rounds each: ViT-H/14 b64 with a profile here, ViT-B/16 b256 at 1e (NOTES §7.3: since
 #    2026-12-04 the block ops are torch's by default, as the fused kernels' Python autograd nodes cost more host
@@ -84,7 +108,6 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 #    one CUDA-graph replay each (NOTES §7.4, new 2026-12-05): H 1.10-1.45x fast-eager, and the fused block
 #    kernels, host-free there, 1.03-1.12x more. (fast-eager-fusedblocks without the graph: measured twice, 0.59x
 #    and 0.66x fast-eager, left out for time.)
-E2E=(python benchmarks/e2e.py --steps 10 --warmup 3)
 TAIL=12 stage e2e_H 200 "${E2E[@]}" --models H --rounds 3 --profile --out "$WORK/e2e_H" \
   --variants ref-eager,fast-eager,fast-eager-graphed,fast-eager-fusedblocks-graphed
 # 1d. ViT-L/16 b128 compiled, the issue's second model (not yet measured by fastmae: cut at 133 s on 2026-12-04

@@ -58,6 +58,15 @@ def kernel_rows(root: Path) -> list[dict]:
     return rows
 
 
+def attention_rows(root: Path) -> list[dict]:
+    """Rows of benchmarks/attention.py (any attention.json below root) and its per-step sums, tagged "step"."""
+    rows = []
+    for path in sorted(root.rglob("attention.json")):
+        data = json.loads(path.read_text())
+        rows += data["rows"] + [{**s, "stack": "step"} for s in data.get("per_step", [])]
+    return rows
+
+
 def trainer_runs(root: Path) -> dict[str, dict]:
     """{run name: {img_s, img_s_range, windows, summary}} for every folder with a train_steps.jsonl. Steady
     images/s = median over the log windows after the first (compilation, warm-up) and after the profiled steps."""
@@ -123,6 +132,20 @@ def _kernel_lines(p: Prediction, rows: list[dict]) -> list[dict]:
     return [{"where": "kernels", "value": value, "range": rng}]
 
 
+def _attention_lines(p: Prediction, rows: list[dict]) -> list[dict]:
+    """`a` = "stack/impl" against impl `b` at model `p.model`: b's fwd+bwd ms / a's, with its p20/p80 range; for
+    stack "step", the per-step sums (no range: a sum of medians)."""
+    stack, impl = p.a.split("/")
+    pick = {r["impl"]: r for r in rows if r["model"] == p.model and r["stack"] == stack}
+    a, b = pick.get(impl), pick.get(p.b)
+    key = "step_attention_ms" if stack == "step" else "fwd_bwd_ms"
+    if not a or not b or not a.get(key) or not b.get(key):
+        return []
+    rng = None if stack == "step" else speedup_range((a["fwd_bwd_ms_p20"], a["fwd_bwd_ms_p80"]),
+                                                     (b["fwd_bwd_ms_p20"], b["fwd_bwd_ms_p80"]))
+    return [{"where": "attention", "value": b[key] / a[key], "range": rng}]
+
+
 def _trainer_lines(p: Prediction, runs: dict[str, dict], e2e: dict[str, list[dict]]) -> list[dict]:
     a = _time_per_image_trainer(runs.get(p.a))
     if p.b.startswith("e2e:"):
@@ -137,7 +160,8 @@ def _trainer_lines(p: Prediction, runs: dict[str, dict], e2e: dict[str, list[dic
 
 
 def prediction_table(e2e: dict, kernels: list[dict], trainer: dict,
-                     bandwidth: dict[str, dict[str, float]] | None = None) -> list[dict]:
+                     bandwidth: dict[str, dict[str, float]] | None = None,
+                     attention: list[dict] | None = None) -> list[dict]:
     table = []
     for p in PREDICTIONS:
         if p.kind == "e2e":
@@ -147,6 +171,8 @@ def prediction_table(e2e: dict, kernels: list[dict], trainer: dict,
             lines = [{"where": p.a.split("/")[0], "value": frac, "range": None}] if frac is not None else []
         elif p.kind == "kernel":
             lines = _kernel_lines(p, kernels)
+        elif p.kind == "attention":
+            lines = _attention_lines(p, attention or [])
         elif p.kind == "trainer":
             lines = _trainer_lines(p, trainer, e2e)
         else:  # busy, waits: one number from the run's profile summary
@@ -161,7 +187,8 @@ def prediction_table(e2e: dict, kernels: list[dict], trainer: dict,
         predicted = f">= {p.lo:g}" if p.hi == float("inf") else f"{p.lo:g}" if p.lo == p.hi else f"{p.lo:g}-{p.hi:g}"
         base = {"NOTES": f"§{p.source}", "model": p.model, "what": what, "predicted": predicted}
         for line in lines or [{"where": "-", "value": None, "range": None}]:
-            measured = format_speedup(line["value"], line["range"], ratio=p.kind in ("e2e", "kernel", "trainer")
+            measured = format_speedup(line["value"], line["range"],
+                                      ratio=p.kind in ("e2e", "kernel", "trainer", "attention")
                                       and p.b != "graph_ms")  # the others are ms, fractions or counts
             table.append({**base, "run": line["where"], "measured": measured,
                           "verdict": verdict(line["value"], line["range"], p.lo, p.hi), "why": p.why})
@@ -328,7 +355,8 @@ def report(root: Path, codegen: Path | None = None) -> str:
              "## Predictions (benchmarks/predictions.py; reasoning in benchmarks/NOTES.md)\n",
              "Speed-up of a over b, measured in one run, with [lo, hi] at the two rows' opposite ends of their "
              "measured times; a prediction is met when the whole range lies inside it.\n",
-             markdown_table(prediction_table(e2e, kernels, trainer, bandwidth_fractions(joins, copy)),
+             markdown_table(prediction_table(e2e, kernels, trainer, bandwidth_fractions(joins, copy),
+                                             attention_rows(root)),
                             ["NOTES", "model", "what", "run", "predicted", "measured", "verdict", "why"])]
     spreads = spread_table(e2e)
     if spreads:

@@ -7,6 +7,8 @@ kind:
 - "e2e":     two variants of `benchmarks/e2e.py` in the same output folder, on model `model`;
 - "kernel":  a row of the kernel benchmark: `a` = "op/impl/mode" against the baseline impl `b` at shape `model`
              ("ms" of a graph replay when b == "graph_ms": then [lo, hi] are milliseconds, not a ratio);
+- "attention": a row of `benchmarks/attention.py`: `a` = "stack/impl" against impl `b` at model `model` (b's
+             fwd+bwd ms / a's); stack "step" compares the per-step sums (every stack's calls per training step);
 - "trainer": two trainer runs of `gpu_check.sh` (steady images/s from their train_steps.jsonl), or a trainer
              run against an e2e variant (`b` = "e2e:<folder>/<variant>");
 - "busy":    a trainer run's kernel time / wall time per step from its `--profile_steps` summary;
@@ -73,6 +75,17 @@ PREDICTIONS = [
                "§6.5 + §6.6 (1.07-1.13x) with the host out of the way; 1.13x measured for the norm alone"),
     Prediction("7.4", "e2e", "B", "fast-compiled-graphed", "fast-compiled", 0.99, 1.04,
                "the compiled step is 97% busy; reduce-overhead gained 1.5% on the H100"),
+    # §7.5: fastmae_kernels' Triton attention (head dim tiled at its size) against SDPA as torch picks it (cuDNN)
+    Prediction("7.5", "attention", "B", "decoder/triton", "sdpa", 0.80, 1.60,
+               "64% of cuDNN's padded FLOPs (d 32 not padded to 64, 9 products not 7) at 50-100% of its efficiency"),
+    Prediction("7.5", "attention", "B", "encoder/triton", "sdpa", 0.60, 1.10,
+               "50 tokens at head dim 64: the same padding as cuDNN's tile and 9 products against its 7"),
+    Prediction("7.5", "attention", "H", "decoder/triton", "sdpa", 0.80, 1.60,
+               "257 tokens (5 blocks of 64, as cuDNN's), head dim 32: as ViT-B's decoder"),
+    Prediction("7.5", "e2e", "B", "fast-compiled-tritonattn-dec", "fast-compiled", 0.96, 1.06,
+               "the decoder's ~7.7 ms of cuDNN attention (of 49.5 ms, H200) at 0.8-1.6x"),
+    Prediction("7.5", "e2e", "B", "fast-compiled-tritonattn", "fast-compiled", 0.94, 1.07,
+               "plus the encoder's ~1.8 ms at 0.6-1.1x"),
     # §6.5 / §6.6: the eager fused kernels, and the same kernels inside the compiled graph
     Prediction("6.5", "e2e", "B", "fast-eager-fusednorm", "fast-eager", 1.06, 1.10,
                "fused add + LayerNorm: 20.2 GB less traffic per step (if the host keeps ahead, §7.3)"),

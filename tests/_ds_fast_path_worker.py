@@ -41,7 +41,8 @@ def main() -> None:
     # compiled on a GPU
     backend = os.environ.get("FASTMAE_TEST_BACKEND", "auto")
     model = create_model("mae_vit_tiny_patch4_dec64d2b", backend=backend, norm_pix_loss=True,
-                         norm_backend=backend, gelu_backend=backend)
+                         norm_backend=backend, gelu_backend=backend,
+                         attn_backend="triton" if backend == "triton" else "sdpa")
     optimize_model(model, compile=False, grad_checkpointing=True)
     optimizer = make_optimizer(model.parameters(), lr=1e-3)
     config = CONFIG
@@ -62,6 +63,7 @@ def main() -> None:
             losses.append(loss.item())
     norm_kernel_calls = [counted.calls["add_layer_norm"], counted.calls["add_layer_norm_backward"]]
     gelu_kernel_calls = [counted.calls["bias_gelu"], counted.calls["bias_gelu_backward"]]
+    attn_kernel_calls = [counted.calls["attention"], counted.calls["attention_backward"]]
     weight = _fc1_weight(engine)
     gathered = [torch.empty_like(weight) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, weight)
@@ -78,6 +80,7 @@ def main() -> None:
         "checkpointing": engine.module.grad_checkpointing,
         "norm_kernel_calls": norm_kernel_calls,  # [forward, backward] calls of the fused add + LayerNorm op
         "gelu_kernel_calls": gelu_kernel_calls,  # [forward, backward] calls of the fused bias + GELU op
+        "attn_kernel_calls": attn_kernel_calls,  # [forward, backward] calls of the Triton attention op
         "blocks": len(engine.module.blocks) + len(engine.module.decoder_blocks),
     }
     with open(f"result-{rank}.json", "w") as f:

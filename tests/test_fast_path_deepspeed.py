@@ -57,16 +57,18 @@ def test_fast_path_step_under_deepspeed_zero2(results):
 
 @pytest.mark.slow
 def test_triton_kernels_under_deepspeed_zero2_track_the_torch_ops(results):
-    """The same three steps with the Triton kernels (gathers, loss, the fused add + LayerNorm and bias + GELU)
-    under ZeRO-2, block checkpointing and bf16 autocast: every norm and every MLP activation runs its kernel, and
-    the losses track the torch run's within bf16 autocast's rounding."""
+    """The same three steps with the Triton kernels (gathers, loss, the fused add + LayerNorm and bias + GELU,
+    attention) under ZeRO-2, block checkpointing and bf16 autocast: every norm, MLP activation and attention runs
+    its kernel, and the losses track the torch run's within bf16 autocast's rounding."""
     for r in results["triton"]:
         assert r["backend"] == "triton"
         norms = 2 * r["blocks"] + 2  # 2 per block + the 2 final norms
         # per step, forward: every norm once, then the blocks' norms again in backward (block checkpointing)
         assert r["norm_kernel_calls"] == [3 * (norms + 2 * r["blocks"]), 3 * norms], r
         assert r["gelu_kernel_calls"] == [3 * 2 * r["blocks"], 3 * r["blocks"]], r  # one MLP per block, likewise
-    assert all(r["norm_kernel_calls"] == r["gelu_kernel_calls"] == [0, 0] for r in results["auto"])
+        assert r["attn_kernel_calls"] == [3 * 2 * r["blocks"], 3 * r["blocks"]], r  # one attention per block
+    assert all(r["norm_kernel_calls"] == r["gelu_kernel_calls"] == r["attn_kernel_calls"] == [0, 0]
+               for r in results["auto"])
     for torch_run, triton_run in zip(results["auto"], results["triton"]):
         for want, got in zip(torch_run["losses"], triton_run["losses"]):
             assert abs(got - want) <= 2e-3 * abs(want), (torch_run["losses"], triton_run["losses"])
@@ -82,6 +84,7 @@ def test_triton_kernels_under_zero3_with_every_parameter_partitioned(results):
     for zero2, zero3 in zip(results["triton"], results["triton-zero3"]):
         assert zero3["norm_kernel_calls"] == zero2["norm_kernel_calls"], zero3
         assert zero3["gelu_kernel_calls"] == zero2["gelu_kernel_calls"], zero3
+        assert zero3["attn_kernel_calls"] == zero2["attn_kernel_calls"], zero3
     for torch_run, triton_run in zip(results["auto-zero3"], results["triton-zero3"]):
         assert torch_run["norm_kernel_calls"] == torch_run["gelu_kernel_calls"] == [0, 0]
         for want, got in zip(torch_run["losses"], triton_run["losses"]):

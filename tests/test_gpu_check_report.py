@@ -41,6 +41,13 @@ def test_predictions_name_what_the_check_measures():
             op, impl, mode = p.a.split("/")
             assert op in kernel_ops and impl in ("triton", "cuda") and mode in ("fwd", "fwd+bwd"), p
             assert p.b in ("torch eager", "torch.compile", "graph_ms"), p
+        elif p.kind == "attention":  # a row (or the per-step sum) of benchmarks/attention.py, which the script runs
+            from benchmarks.attention import GPU_SHAPES, SDPA_FORCED
+
+            stack, impl = p.a.split("/")
+            impls = {"sdpa", "triton", *SDPA_FORCED}
+            assert stack in {s.stack for s in GPU_SHAPES} | {"step"} and {impl, p.b} <= impls, p
+            assert p.model in {s.model for s in GPU_SHAPES} and "benchmarks/attention.py" in script, p
         elif p.kind == "bandwidth":  # a profiled e2e stage of the script, and a committed codegen of its variant
             folder, variant = p.a.split("/")
             stage = next(line for line in script.splitlines() if f'"$WORK/{folder}"' in line)
@@ -54,7 +61,7 @@ def test_predictions_name_what_the_check_measures():
             if p.b.startswith("e2e:"):
                 folder, variant = p.b[4:].split("/")
                 assert f'"$WORK/{folder}"' in script and variant in e2e.VARIANTS, p
-        assert p.lo <= p.hi and p.kind in ("e2e", "kernel", "trainer", "busy", "waits", "bandwidth"), p
+        assert p.lo <= p.hi and p.kind in ("e2e", "kernel", "trainer", "busy", "waits", "bandwidth", "attention"), p
 
 
 @pytest.mark.parametrize("value, rng, expected", [
@@ -218,3 +225,22 @@ def test_the_committed_codegen_is_found_for_the_runs_torch(tmp_path):
     assert found is not None and found.name == "torch-2.11" and (found / "ref-compiled/kernels.json").is_file()
     (tmp_path / "e2e_B/e2e.json").write_text(json.dumps({"environment": {"torch": "1.13.0"}, "rows": []}))
     assert gpu_check_report.default_codegen(tmp_path) is None
+
+
+def test_report_reads_the_attention_benchmark(tmp_path):
+    """benchmarks/attention.py's own output (CPU smoke, rows relabelled as ViT-B's decoder) against the §7.5
+    kernel prediction: b's fwd+bwd ms / a's, with the p20/p80 range."""
+    from benchmarks import attention
+
+    out = tmp_path / "gpu_check" / "attention"
+    assert attention.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads((out / "attention.json").read_text())
+    for row in data["rows"]:
+        row["model"], row["stack"] = "B", {"encoder": "encoder", "decoder-last": "decoder"}[row["stack"]]
+    (out / "attention.json").write_text(json.dumps(data))
+    rows = gpu_check_report.attention_rows(out.parent)
+    table = gpu_check_report.prediction_table({}, [], {}, attention=rows)
+    (line,) = [t for t in table if t["NOTES"] == "§7.5" and t["what"] == "decoder/triton / sdpa" and t["model"] == "B"]
+    pick = {r["impl"]: r for r in data["rows"] if r["stack"] == "decoder"}
+    want = pick["sdpa"]["fwd_bwd_ms"] / pick["triton"]["fwd_bwd_ms"]
+    assert line["measured"].startswith(f"{want:.3f} [") and line["verdict"] != "not measured"

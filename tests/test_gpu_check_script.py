@@ -58,3 +58,31 @@ def test_the_test_files_and_kernel_shapes_it_names_exist():
     assert "from benchmarks.kernels.timing import copy_bandwidth" in script and callable(timing.copy_bandwidth)
     shapes = re.findall(r"benchmarks\.kernels\.run --shapes (\S+)", script)
     assert shapes and set(",".join(shapes).split(",")) <= {s.name for s in GPU_SHAPES}, shapes
+
+
+def test_the_attention_gate_runs_the_e2e_stage_only_when_the_triton_decoder_wins(tmp_path):
+    """The inline Python after the attention stage decides whether e2e_B_attn (~4 minutes of device time) runs: only
+    when ViT-B's decoder attention ran faster with the Triton kernels than with SDPA."""
+    import json
+    import subprocess
+
+    script = (REPO / "benchmarks/gpu_check.sh").read_text()
+    gate = re.search(r"<<'PY'.*?\n(.*?)\nPY\n", script, re.S).group(1)
+    assert "benchmarks/attention.py --models B,H,L" in script and "stage e2e_B_attn" in script
+
+    def run(rows) -> int:
+        path = tmp_path / "attention.json"
+        path.write_text(json.dumps({"rows": rows}))
+        return subprocess.run([sys.executable, "-c", gate, str(path)], capture_output=True).returncode
+
+    def row(impl, ms, model="B", stack="decoder"):
+        return {"model": model, "stack": stack, "impl": impl, "fwd_bwd_ms": ms}
+
+    assert run([row("sdpa", 1.0), row("triton", 0.8)]) == 0
+    assert run([row("sdpa", 1.0), row("triton", 1.2)]) == 1
+    assert run([row("sdpa", 1.0), row("triton", 0.5, stack="encoder"), row("triton", 1.1)]) == 1
+    assert run([row("sdpa", 1.0), row("triton", None)]) == 1  # a mismatch row is not timed
+    assert run([row("sdpa", 1.0)]) == 1
+    from benchmarks import e2e
+
+    assert {"fast-compiled-tritonattn-dec", "fast-compiled-tritonattn"} <= set(e2e.VARIANTS)

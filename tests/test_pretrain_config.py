@@ -404,3 +404,40 @@ def test_block_ops_are_torchs_unless_fused_block_ops(tmp_path, argv, want):
     for compiled in (False, True):
         assert model.norm_backend_for(compiled=compiled, device="cpu") == want
         assert model.gelu_backend_for(compiled=compiled, device="cpu") == want
+
+
+@pytest.mark.parametrize("argv, encoder, decoder", [
+    ([], "sdpa", "sdpa"), (["--attn_backend", "triton"], "triton", "triton"),
+    (["--decoder_attn_backend", "triton"], "sdpa", "triton"),
+    (["--attn_backend", "triton", "--decoder_attn_backend", "sdpa"], "triton", "sdpa"),
+])
+def test_attn_backend_flags_reach_every_block(tmp_path, argv, encoder, decoder):
+    """--attn_backend sets every block's attention, --decoder_attn_backend the decoder's over it; SDPA by default
+    (the Triton kernels are not yet timed on a GPU, benchmarks/NOTES.md §7.5)."""
+    import fastmae_kernels as fk
+    from fastmae.train.engine import build_model
+
+    c = cfg(["--model", "mae_vit_tiny_patch4_dec64d2b", *argv], tmp_path)
+    assert (c.attn_backend, c.decoder_attn_backend) == (encoder, decoder)
+    if "triton" in (encoder, decoder) and "triton" not in fk.available_backends("cpu"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest)")
+    model = build_model(c, torch.device("cpu"))
+    assert {b.attn.backend for b in model.blocks} == {encoder}
+    assert {b.attn.backend for b in model.decoder_blocks} == {decoder}
+
+
+def test_attn_backend_triton_where_triton_cannot_run_fails_at_build(tmp_path, monkeypatch):
+    """Not at the first step, after the data and DeepSpeed are up: at model build, with Triton's reason."""
+    import fastmae_kernels.dispatch as dispatch
+    from fastmae.train.engine import build_model
+
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device: "no Triton here (test)")
+    c = cfg(["--model", "mae_vit_tiny_patch4_dec64d2b", "--decoder_attn_backend", "triton"], tmp_path)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu: no Triton here"):
+        build_model(c, torch.device("cpu"))
+
+
+def test_attn_backend_rejects_unknown_names(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cfg(["--attn_backend", "flash"], tmp_path)
+    assert "invalid choice: 'flash'" in capsys.readouterr().err

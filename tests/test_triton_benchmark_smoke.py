@@ -47,3 +47,24 @@ def test_host_overhead_times_every_way_and_puts_the_kernels_back(tmp_path):
     assert "| add_layer_norm | eager function |" in (tmp_path / "host_overhead.md").read_text()
     x, bias = torch.randn(5, 24), torch.randn(24)
     torch.testing.assert_close(fk.bias_gelu(x, bias, backend="triton"), reference.bias_gelu(x, bias))
+
+
+def test_attention_benchmark_smoke_checks_times_and_sums_per_step(tmp_path):
+    """benchmarks/attention.py --smoke on the CPU: SDPA and the Triton kernels each checked against fp32 math and
+    timed at every shape, the per-step sums weighted by the calls per step, the run labelled a smoke run."""
+    import json
+
+    from benchmarks.attention import SMOKE_SHAPES, main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "attention.json").read_text())
+    rows = result["rows"]
+    assert {(r["stack"], r["impl"]) for r in rows} == {(s.stack, i) for s in SMOKE_SHAPES for i in ("sdpa", "triton")}
+    assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 and 0 < r["max_rel_err"] < 0.07 for r in rows)
+    calls = {s.stack: s.calls_per_step for s in SMOKE_SHAPES}
+    for impl in ("sdpa", "triton"):
+        step = next(s for s in result["per_step"] if s["impl"] == impl)
+        want = sum(r["fwd_bwd_ms"] * calls[r["stack"]] for r in rows if r["impl"] == impl)
+        assert abs(step["step_attention_ms"] - want) <= 1e-9 * want
+    assert result["environment"]["run_kind"].startswith("CPU SMOKE")
+    assert "not kernel speed" in (tmp_path / "attention.md").read_text()

@@ -12,9 +12,9 @@ TINY = "mae_vit_tiny_patch4_dec64d2b"
 
 
 def _train(backend: str, init_state: dict, steps: int, norm_pix: bool, autocast: bool = False,
-           masked_only: bool = False) -> list[float]:
+           masked_only: bool = False, attn: str = "sdpa") -> list[float]:
     model = create_model(TINY, backend=backend, norm_pix_loss=norm_pix, norm_backend=backend,
-                         gelu_backend=backend).to(DEVICE)
+                         gelu_backend=backend, attn_backend=attn).to(DEVICE)
     model.load_state_dict(init_state, strict=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
@@ -49,6 +49,50 @@ def test_tiny_mae_trains_identically_with_triton_and_torch(norm_pix, autocast, m
     rtol = 2e-3 if autocast else 1e-5
     for step, (want, got) in enumerate(zip(reference, fused)):
         assert abs(got - want) <= rtol * abs(want), f"step {step}: triton {got} vs torch {want}"
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tiny_mae_trains_alike_with_triton_attention_and_sdpa(autocast):
+    """Only the attention differs (every other op torch's), masked_only on: the decoder's last block attends
+    from the masked rows only (fewer query rows than keys)."""
+    torch.manual_seed(0)
+    init_state = create_model(TINY).state_dict()
+    sdpa = _train("torch", init_state, steps=4, norm_pix=True, autocast=autocast, masked_only=True)
+    triton_attn = _train("torch", init_state, steps=4, norm_pix=True, autocast=autocast, masked_only=True,
+                         attn="triton")
+    assert sdpa[-1] < sdpa[0]
+    # fp32: both compute softmax(q k^T) v in fp32 in other orders (~1e-7 relative per op). bf16: the kernels round
+    # the probabilities to bf16 before P V, as FlashAttention and cuDNN do, and torch's CPU SDPA does not
+    rtol = 2e-3 if autocast else 1e-5
+    for step, (want, got) in enumerate(zip(sdpa, triton_attn)):
+        assert abs(got - want) <= rtol * abs(want), f"step {step}: triton attention {got} vs sdpa {want}"
+
+
+def test_decoder_attn_backend_runs_the_kernel_eagerly_and_compiled():
+    """decoder_attn_backend="triton" alone: each decoder block's attention is fastmae_kernels' kernel (forward and
+    backward), eager and as a node of the compiled graph; the encoder's stays SDPA."""
+    from fastmae.profiling import WrittenBytes
+
+    torch.manual_seed(0)
+    model = create_model(TINY, backend="torch", decoder_attn_backend="triton").to(DEVICE)
+    assert [b.attn.backend for b in model.blocks] == ["sdpa"] * len(model.blocks)
+    assert [b.attn.backend for b in model.decoder_blocks] == ["triton"] * len(model.decoder_blocks)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 64, device=DEVICE)
+    with WrittenBytes() as counted:
+        model(imgs, 0.75, noise)[0].backward()
+    decoder = len(model.decoder_blocks)
+    assert counted.calls["attention"] == counted.calls["attention_backward"] == decoder
+    sdpa_calls = sum(n for op, n in counted.calls.items() if "scaled_dot_product" in op and "backward" not in op)
+    assert sdpa_calls == len(model.blocks)
+    traced = _graph_ops(model, imgs, 0.75, noise)
+    assert sum("fastmae_triton.attention" in op for op in traced) == decoder
+
+
+def test_attn_backend_is_checked():
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        create_model(TINY, attn_backend="flash")
+    with pytest.raises(ValueError, match="decoder_attn_backend must be one of"):
+        create_model(TINY, decoder_attn_backend="cudnn")
 
 
 def _graph_ops(model, *args) -> list[str]:

@@ -27,7 +27,7 @@ from fastmae.models.vit_block import add_norm, select_rows
 
 class MaskedAutoencoderViT(MAEParameters):
     def __init__(self, *args, backend: str = "auto", norm_backend: str = "auto", gelu_backend: str = "auto",
-                 **kwargs):
+                 attn_backend: str = "sdpa", decoder_attn_backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         for name, value in (("backend", backend), ("norm_backend", norm_backend), ("gelu_backend", gelu_backend)):
             if value not in ("auto", *fk.BACKENDS):
@@ -38,6 +38,16 @@ class MaskedAutoencoderViT(MAEParameters):
         # reference's bit for bit (the op's torch reference adds the bias in fp32 instead)
         self.norm_backend = norm_backend
         self.gelu_backend = gelu_backend
+        # attention: torch's SDPA or fastmae_kernels' Triton kernels for short sequences, per stack (the decoder's
+        # head dim 32 is where cuDNN pads most, benchmarks/NOTES.md §7.5); the decoder follows the encoder unless set
+        self.attn_backend = attn_backend
+        self.decoder_attn_backend = attn_backend if decoder_attn_backend is None else decoder_attn_backend
+        for name, value, blocks in (("attn_backend", self.attn_backend, self.blocks),
+                                    ("decoder_attn_backend", self.decoder_attn_backend, self.decoder_blocks)):
+            if value not in fk.ATTENTION_BACKENDS:
+                raise ValueError(f"{name} must be one of {fk.ATTENTION_BACKENDS}, got {value!r}")
+            for blk in blocks:
+                blk.attn.backend = value
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -82,6 +82,11 @@ class Linear(nn.Linear):
 
 
 class Attention(nn.Module):
+    """`backend`: "sdpa" (torch's scaled_dot_product_attention) or "triton" (fastmae_kernels' kernels for short
+    sequences, fastmae_kernels.attention); the MAE model sets it per stack (`attn_backend`)."""
+
+    backend = "sdpa"
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
@@ -103,7 +108,10 @@ class Attention(nn.Module):
             # one qkv GEMM for all tokens: splitting off the M query rows would save only a third of it on
             # the N - M others, for a second launch and a strided weight slice
             q = torch.gather(q, 2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B, H, M, hd]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, hd]
+        if self.backend == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, hd]
+        else:  # a [B, H, M, hd] view of [B, M, H, hd], as SDPA's: the reshape below is free
+            x = fk.attention(q, k, v, backend=self.backend)
         return self.proj(x.transpose(1, 2).reshape(b, q.shape[2], c))
 
 

@@ -99,6 +99,11 @@ class TrainConfig:
     """Every block's residual add + LayerNorm and MLP bias + GELU as fastmae_kernels' fused Triton kernels (else
     torch's ops, which Inductor fuses under --compile; eager, the kernels cost more host time than they save on
     the H200: benchmarks/NOTES.md §7.3)."""
+    attn_backend: str = "sdpa"
+    """Attention in the encoder: torch's SDPA, or "triton", fastmae_kernels' kernels for short sequences (opt-in
+    until measured on a GPU: benchmarks/NOTES.md §7.5)."""
+    decoder_attn_backend: str = "sdpa"
+    """Attention in the decoder (head dim 32, where SDPA's cuDNN kernel pads most); --attn_backend's by default."""
     profile_steps: int = 0
     """torch.profiler over this many optimizer steps after a 5-step warm-up (output_dir/profile/); 0 = off."""
     fault_nan_steps: tuple[int, ...] = ()
@@ -168,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused_block_ops", action="store_true",
                    help="run every block's residual add + LayerNorm and MLP bias + GELU as fused Triton kernels "
                         "(off: torch's ops, faster in eager mode on an H200 and fused by Inductor under --compile)")
+    p.add_argument("--attn_backend", default="sdpa", choices=("sdpa", "triton"),
+                   help="attention kernels: torch's SDPA (cuDNN/flash, default) or fastmae's Triton kernels for short "
+                        "sequences (not yet measured against SDPA on a GPU)")
+    p.add_argument("--decoder_attn_backend", default=None, choices=("sdpa", "triton"),
+                   help="the decoder's attention alone (default: --attn_backend)")
     p.add_argument("--save_every_steps", type=int, default=None, help="checkpoint period in optimizer steps")
     p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
     p.add_argument("--log_every", type=int, default=None, help="log period in optimizer steps")
@@ -343,7 +353,8 @@ def resolve(a: argparse.Namespace, *, device_type: str, world_size: int, rank: i
         zero_stage=zero_stage, precision=precision, max_steps=a.max_steps, loader=a.loader, backend=a.backend,
         save_every_steps=save_every, keep_last=a.keep_last, log_every=log_every, max_bad_steps=a.max_bad_steps,
         grad_checkpointing=a.grad_checkpointing, compile=a.compile, compile_mode=a.compile_mode,
-        fused_block_ops=a.fused_block_ops,
+        fused_block_ops=a.fused_block_ops, attn_backend=a.attn_backend,
+        decoder_attn_backend=a.decoder_attn_backend or a.attn_backend,
         default_num_images=a.num_images if a.num_images is not None else preset["default_num_images"],
         default_image_size=a.image_size if a.image_size is not None else preset["default_image_size"],
         device_type=device_type, world_size=world_size, profile_steps=a.profile_steps, fault_nan_steps=nan_steps,

@@ -11,8 +11,11 @@ from fastmae.train.optim import build_optimizer
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     # --fused_block_ops: the block ops on the MAE ops' backend (its Triton kernels; torch where none can run)
     block_ops = fk.resolve_backend(cfg.backend, device) if cfg.fused_block_ops else "auto"
+    if "triton" in (cfg.attn_backend, cfg.decoder_attn_backend):
+        fk.resolve_backend("triton", device)  # says now, not at the first step, why Triton cannot run here
     model = create_model(cfg.model, backend=cfg.backend, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss,
-                         norm_backend=block_ops, gelu_backend=block_ops)
+                         norm_backend=block_ops, gelu_backend=block_ops, attn_backend=cfg.attn_backend,
+                         decoder_attn_backend=cfg.decoder_attn_backend)
     model.to(device)
     if cfg.grad_checkpointing or cfg.compile:
         from fastmae.speed import optimize_model

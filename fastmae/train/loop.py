@@ -142,6 +142,9 @@ class Trainer:
             parts.append("add+LayerNorm fused")
         if model.gelu_backend_for(compiled=c.compile, device=self.device) != "torch":
             parts.append("bias+GELU fused")
+        if (c.attn_backend, c.decoder_attn_backend) != ("sdpa", "sdpa"):
+            parts.append(f"attention {c.attn_backend}" if c.attn_backend == c.decoder_attn_backend
+                         else f"attention encoder {c.attn_backend}, decoder {c.decoder_attn_backend}")
         return ", ".join(parts)
 
     def _epochs(self, start_epoch: int) -> int | None:
