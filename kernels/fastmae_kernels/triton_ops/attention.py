@@ -59,6 +59,16 @@ def _dot(a, b, IEEE: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _program(rows, BLOCK: tl.constexpr):
+    """(batch * head index, row block) of this program in a 1-D grid of B * H * cdiv(rows, BLOCK) programs: the row
+    blocks of one head run next to each other (its K and V stay in L2), and B * H may exceed a CUDA grid's 65,535
+    limit on its second and third dimensions."""
+    blocks = tl.cdiv(rows, BLOCK)
+    pid = tl.program_id(0)
+    return pid // blocks, pid % blocks
+
+
+@triton.jit
 def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
@@ -66,12 +76,12 @@ def _attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Program (i, bh): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of batch bh // heads, head bh % heads.
-    Writes their output rows and lse_ptr[bh, row] = the log2-sum-exp2 of their scaled scores."""
-    bh = tl.program_id(1)
+    """Program (bh, i) (`_program`): query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of batch bh // heads, head
+    bh % heads. Writes their output rows and lse_ptr[bh, row] = the log2-sum-exp2 of their scaled scores."""
+    bh, i = _program(q_len, BLOCK_M)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     row_ok = rows < q_len
@@ -108,10 +118,10 @@ def _attention_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[bh, row] = sum_d O[row, d] * dO[row, d] in fp32: the softmax backward's row term."""
-    bh = tl.program_id(1)
+    bh, i = _program(q_len, BLOCK_M)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     ok = (rows < q_len)[:, None] & (d < head_dim)[None, :]
     o = tl.load(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sn + d[None, :], mask=ok, other=0.0)
@@ -128,12 +138,12 @@ def _attention_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Program (j, bh): dK and dV of key rows [j * BLOCK_N, (j + 1) * BLOCK_N), from every query block.
+    """Program (bh, j): dK and dV of key rows [j * BLOCK_N, (j + 1) * BLOCK_N), from every query block.
     dV = P^T dO; dK = dS^T Q * scale with dS = P * (dO V^T - delta). dk and dv share strides (g_*)."""
-    bh = tl.program_id(1)
+    bh, j = _program(kv_len, BLOCK_N)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     col_ok = cols < kv_len
@@ -173,11 +183,11 @@ def _attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Program (i, bh): dQ of query rows [i * BLOCK_M, (i + 1) * BLOCK_M) = dS K * scale, over every key block."""
-    bh = tl.program_id(1)
+    """Program (bh, i): dQ of query rows [i * BLOCK_M, (i + 1) * BLOCK_M) = dS K * scale, over every key block."""
+    bh, i = _program(q_len, BLOCK_M)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     row_ok = rows < q_len
@@ -242,12 +252,12 @@ _DQ = _tuned(_attention_dq_kernel, backward=True)
 
 
 def _launch(kernels, grid_rows_arg: str, rows: int, bh: int, head_dim: int, *args, **consts):
-    """Launches the small- or big-head variant; the grid is (row blocks of `grid_rows_arg`, B * H)."""
+    """Launches the small- or big-head variant on B * H * (row blocks of `grid_rows_arg`) programs (`_program`)."""
     kernel = kernels[head_dim > 64]
     extra = dict(_INTERPRETER_BLOCKS) if INTERPRETED else {}
 
     def grid(meta):
-        return (triton.cdiv(rows, meta[grid_rows_arg]), bh)
+        return (bh * triton.cdiv(rows, meta[grid_rows_arg]),)
 
     kernel[grid](*args, **consts, **extra)
 
@@ -296,14 +306,12 @@ def _backward_launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     b, h, m, d = q.shape
     n = k.shape[2]
     dq, dk, dv = _heads_last(q, m), _heads_last(k, n), _heads_last(v, n)
-    if dk.dtype != dv.dtype:  # they share one launch's stores; mixed dtypes are not a case the model has
-        raise ValueError(f"fastmae_kernels.attention: k and v must share a dtype, got {k.dtype} and {v.dtype}")
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _head_block(d)
     delta = torch.empty((b * h, m), dtype=torch.float32, device=q.device)
     delta_rows = 64 if INTERPRETED else max(1, 4096 // block_d)
-    _attention_delta_kernel[(triton.cdiv(m, delta_rows), b * h)](
+    _attention_delta_kernel[(b * h * triton.cdiv(m, delta_rows),)](
         out, do, delta, *_strides(out), *_strides(do), h, m, d, BLOCK_M=delta_rows, BLOCK_D=block_d)
     scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
     common = dict(BLOCK_D=block_d, IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
