@@ -19,7 +19,11 @@ def test_all_kernel_variants_compile_for_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT), "90"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 ok")]
-    assert len(lines) == 32, result.stdout
+    # 32 for the MAE and block ops; 46 for attention: 3 head dims (32, 64, 128) x every autotuner candidate (3 each
+    # for the forward, dK/dV and dQ) in bf16, fp32 and fp16 at the first candidate, and the delta kernel
+    assert len(lines) == 32 + 46, result.stdout
+    attention = [line for line in lines if " attention" in line and " bf16 " in line]
+    assert len(attention) == 3 * 9 + 1 and all("0 bytes spilled" in line for line in attention), attention
 
 
 def test_row_select_moves_16_bytes_per_access_at_vit_shapes():
@@ -46,3 +50,18 @@ def test_bias_gelu_moves_16_bytes_per_access_at_vit_shapes():
     assert len(lines) == 2, result.stdout
     for line in lines:
         assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line
+
+
+def test_attention_loops_are_pipelined_with_16_byte_loads_as_launched():
+    """The attention kernels specialised as at run time for ViT-B's decoder (bf16, 64 x 64 tiles, 4 warps): each
+    loop's loads are software-pipelined (cp.async), the bf16 rows are read 16 bytes per access, nothing spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "widths", "90"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 as launched attention")]
+    assert len(lines) == 3, result.stdout
+    for line in lines:
+        copies = int(line.split(" cp.async")[0].rsplit(", ", 1)[1])
+        assert copies > 0 and "0 bytes spilled" in line and "ld.global.v4.b32" in line, line

@@ -4,7 +4,8 @@ The interpreter (the CPU tests) does not type-check like the compiler does; this
 would fail to compile on the card. Run in a process WITHOUT TRITON_INTERPRET (the kernels must be JIT
 functions): `python tests/triton_aot_compile.py [sm]`. Prints one line per variant: registers, spills.
 `python tests/triton_aot_compile.py widths [sm]`: the global access widths of the row-select and bias_gelu
-kernels as the launchers specialise them at ViT-B shapes (16-byte accesses are what a memory-bound pass needs).
+kernels as the launchers specialise them at ViT-B shapes (16-byte accesses are what a memory-bound pass needs),
+and the attention kernels' registers, cp.async pipelining and load widths at ViT-B's decoder shape.
 """
 
 import os
@@ -152,15 +153,17 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
 
 
-def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: GPUTarget, num_warps: int = 4):
+def compile_as_launched(fn, pointers: dict, consts: dict, values: dict, target: GPUTarget, num_warps: int = 4,
+                        floats=(), num_stages: int | None = None):
     """Compiled as the launcher's JIT call specialises it for these integer argument `values`: an integer
     equal to 1 becomes a constant, and pointers and integers divisible by 16 carry Triton's divisibility hint,
-    which is what lets the compiler emit 16-byte accesses."""
+    which is what lets the compiler emit 16-byte accesses (and, for loads in a loop, cp.async pipelining)."""
     consts = {**consts, **{name: 1 for name, v in values.items() if v == 1}}
     hinted = [i for i, n in enumerate(fn.arg_names)
               if n in pointers or (n in values and n not in consts and values[n] % 16 == 0)]
     attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
-    return compile_variant(fn, pointers, consts, target, num_warps=num_warps, attrs=attrs)
+    return compile_variant(fn, pointers, consts, target, floats, num_warps=num_warps, attrs=attrs,
+                           num_stages=num_stages)
 
 
 def access_widths(ptx: str) -> str:
@@ -192,6 +195,28 @@ def widths(arch: int = 90) -> None:
         print(f"sm_{arch} widths {name} (ViT-B MLP, bf16): {access_widths(kernel.asm['ptx'])}")
 
 
+def attention_as_launched(arch: int = 90) -> None:
+    """The attention kernels specialised as at run time for ViT-B's decoder (q, k, v views of the qkv GEMM's
+    [256, 197, 3, 16, 32] bf16 output; output and gradients [256, 197, 16, 32]) at the 64 x 64 tile, 4 warps:
+    registers, the loop's cp.async copies (software pipelining) and the global load widths. Without the run-time
+    divisibility hints (`main`) Triton cannot prove the bf16 rows 16-byte aligned and pipelines no bf16 load."""
+    qkv = dict(sb=197 * 1536, sh=32, sn=1536)
+    out = dict(sb=197 * 512, sh=32, sn=512)
+    values = dict(heads=16, q_len=197, kv_len=197, head_dim=32)
+    for prefix, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", out), ("do", out), ("g", out)):
+        values.update({f"{prefix}_{k}": v for k, v in strides.items()})
+    for fn in (_attention_forward_kernel, _attention_dkdv_kernel, _attention_dq_kernel):
+        ptrs = {n: ("fp32" if n in ("lse_ptr", "delta_ptr") else "bf16") for n in fn.arg_names if n.endswith("_ptr")}
+        used = {k: v for k, v in values.items() if k in fn.arg_names}
+        consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, IEEE=False, INTERP=False)
+        kernel = compile_as_launched(fn, ptrs, consts, used, GPUTarget("cuda", arch, 32), num_warps=4,
+                                     floats=("qk_scale", "sm_scale"), num_stages=2)
+        ptx = kernel.asm["ptx"]
+        print(f"sm_{arch} as launched {fn.__name__.strip('_')} (ViT-B decoder, bf16, 64x64, 4 warps): "
+              f"{ptxas_usage(ptx, arch)}, {len(re.findall('cp.async.cg', ptx) + re.findall('cp.async.ca', ptx))} "
+              f"cp.async, loads {access_widths(ptx)}")
+
+
 def main(arch: int = 90) -> None:
     target = GPUTarget("cuda", arch, 32)
     for name, fn, ptrs, consts, floats, *launch in variants():
@@ -204,5 +229,6 @@ def main(arch: int = 90) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "widths":
         widths(int(sys.argv[2]) if len(sys.argv) > 2 else 90)
+        attention_as_launched(int(sys.argv[2]) if len(sys.argv) > 2 else 90)
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)

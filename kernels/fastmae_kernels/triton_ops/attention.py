@@ -223,12 +223,12 @@ def _head_block(head_dim: int) -> int:
 def _configs(big_head: bool, backward: bool) -> list[triton.Config]:
     """Candidate tiles for the autotuner (on a GPU; the interpreter takes `_INTERPRETER_BLOCKS`): (BLOCK_M,
     BLOCK_N, warps) for head dims up to 64 (ViT-B/L, every decoder) and above (ViT-H's 80 -> 128). The backward
-    keeps two [BLOCK_N, D] accumulators and recomputes P: smaller tiles or 8 warps. Every tile compiles for
-    sm_90 in bf16 (tests/triton_aot_compile.py prints registers and spills); fp32 inputs run the same tiles
-    without tensor cores and spill, a correctness path, not a fast one."""
+    keeps two [BLOCK_N, D] accumulators and recomputes P: smaller tiles or 8 warps (64 x 128 at head dim 64 and
+    64 x 64 at 128 spilled, so they are not candidates). Every tile compiles for sm_90 in bf16 without spilling
+    (tests/triton_aot_compile.py prints registers and spills); fp32 inputs run the same tiles without tensor
+    cores and spill, a correctness path, not a fast one."""
     if backward:
-        tiles = [(64, 32, 4), (32, 64, 8), (64, 64, 8)] if big_head else [(64, 64, 4), (32, 64, 4), (64, 64, 8),
-                                                                             (64, 128, 8)]
+        tiles = [(64, 32, 4), (32, 64, 8), (32, 32, 4)] if big_head else [(64, 64, 4), (32, 64, 4), (64, 64, 8)]
     else:
         tiles = [(64, 32, 4), (64, 64, 4), (128, 32, 8)] if big_head else [(64, 64, 4), (128, 64, 8), (64, 128, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in tiles]
