@@ -24,6 +24,7 @@ mode an autograd.Function calls the same launchers without the custom ops' dispa
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -246,20 +247,37 @@ def _tuned(kernel, backward: bool):
             triton.autotune(_configs(True, backward), key=key)(kernel))
 
 
-_FORWARD = _tuned(_attention_forward_kernel, backward=False)
-_DKDV = _tuned(_attention_dkdv_kernel, backward=True)
-_DQ = _tuned(_attention_dq_kernel, backward=True)
+_KERNELS = {  # name -> (the kernel, its autotuned small- and big-head versions, whether it is a backward kernel)
+    "forward": (_attention_forward_kernel, _tuned(_attention_forward_kernel, backward=False), False),
+    "dkdv": (_attention_dkdv_kernel, _tuned(_attention_dkdv_kernel, backward=True), True),
+    "dq": (_attention_dq_kernel, _tuned(_attention_dq_kernel, backward=True), True),
+}
 
 
-def _launch(kernels, grid_rows_arg: str, rows: int, bh: int, head_dim: int, *args, **consts):
-    """Launches the small- or big-head variant on B * H * (row blocks of `grid_rows_arg`) programs (`_program`)."""
-    kernel = kernels[head_dim > 64]
-    extra = dict(_INTERPRETER_BLOCKS) if INTERPRETED else {}
+def autotune_enabled() -> bool:
+    """FASTMAE_ATTENTION_AUTOTUNE=0 launches every shape at its set's first tile instead of timing them all: one
+    compile per kernel, dtype and head dim (tests on a GPU, where the autotuner would compile and time 3 tiles
+    for every new shape)."""
+    return os.environ.get("FASTMAE_ATTENTION_AUTOTUNE", "1") != "0"
 
-    def grid(meta):
-        return (bh * triton.cdiv(rows, meta[grid_rows_arg]),)
 
-    kernel[grid](*args, **consts, **extra)
+def _launch(name: str, grid_rows_arg: str, rows: int, bh: int, head_dim: int, *args, **consts):
+    """Launches kernel `name` (small- or big-head tiles) on B * H * (row blocks of `grid_rows_arg`) programs
+    (`_program`)."""
+    kernel, tuned, backward = _KERNELS[name]
+    big_head = head_dim > 64
+    if INTERPRETED:
+        meta = dict(_INTERPRETER_BLOCKS)
+    elif autotune_enabled():
+        kernel, meta = tuned[big_head], {}
+    else:
+        config = _configs(big_head, backward)[0]
+        meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    def grid(launch_meta):
+        return (bh * triton.cdiv(rows, launch_meta[grid_rows_arg]),)
+
+    kernel[grid](*args, **consts, **meta)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -284,7 +302,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
     out = _heads_last(q, m)
     lse = torch.empty((b * h, m), dtype=torch.float32, device=q.device)
     if out.numel():
-        _launch(_FORWARD, "BLOCK_M", m, b * h, d, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
+        _launch("forward", "BLOCK_M", m, b * h, d, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
                 *_strides(out), h, m, n, d, LOG2E / math.sqrt(d),
                 BLOCK_D=_head_block(d), IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
     return out, lse
@@ -315,9 +333,9 @@ def _backward_launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         out, do, delta, *_strides(out), *_strides(do), h, m, d, BLOCK_M=delta_rows, BLOCK_D=block_d)
     scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
     common = dict(BLOCK_D=block_d, IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
-    _launch(_DKDV, "BLOCK_N", n, b * h, d, q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k),
+    _launch("dkdv", "BLOCK_N", n, b * h, d, q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k),
             *_strides(v), *_strides(do), *_strides(dk), h, m, n, d, *scales, **common)
-    _launch(_DQ, "BLOCK_M", m, b * h, d, q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k),
+    _launch("dq", "BLOCK_M", m, b * h, d, q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k),
             *_strides(v), *_strides(do), *_strides(dq), h, m, n, d, *scales, **common)
     return dq, dk, dv
 
