@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastmae_kernels as fk  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks.kernels.timing import _time as time_ms  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -109,23 +110,6 @@ def flops(shape: Shape) -> float:
     return 7 * 2 * shape.batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
 
 
-def time_ms(fn, device: torch.device, smoke: bool) -> tuple[float, float, float]:
-    if device.type == "cuda":
-        import triton.testing
-
-        median, low, high = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return median, low, high
-    import time
-
-    times = []
-    for _ in range(1 if smoke else 5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
-
-
 def measure(shape: Shape, name: str, impl, device: torch.device, tolerance: float, smoke: bool) -> dict:
     row = {"model": shape.model, "stack": shape.stack, "impl": name, "status": "ok",
            "shape": f"{shape.batch}x{shape.heads}x{shape.q_len}x{shape.kv_len}x{shape.head_dim}"}
@@ -138,10 +122,10 @@ def measure(shape: Shape, name: str, impl, device: torch.device, tolerance: floa
     if row["max_rel_err"] > tolerance:
         row["status"] = "mismatch"
         return row
-    row["fwd_bwd_ms"], row["fwd_bwd_ms_p20"], row["fwd_bwd_ms_p80"] = time_ms(
-        lambda: fwd_bwd(impl, q, k, v, do), device, smoke)
+    timed = time_ms(lambda: fwd_bwd(impl, q, k, v, do), device, smoke)  # the kernel benchmark's timing
+    row["fwd_bwd_ms"], row["fwd_bwd_ms_p20"], row["fwd_bwd_ms_p80"] = timed["ms"], timed["ms_p20"], timed["ms_p80"]
     with torch.no_grad():
-        row["fwd_ms"] = time_ms(lambda: impl(q, k, v), device, smoke)[0]
+        row["fwd_ms"] = time_ms(lambda: impl(q, k, v), device, smoke)["ms"]
     row["tflops"] = flops(shape) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     return row
 

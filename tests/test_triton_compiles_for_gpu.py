@@ -26,42 +26,39 @@ def test_all_kernel_variants_compile_for_sm90():
     assert len(attention) == 3 * 9 + 1 and all("0 bytes spilled" in line for line in attention), attention
 
 
-def test_row_select_moves_16_bytes_per_access_at_vit_shapes():
-    """Read off the PTX, no GPU: gather_tokens' kernel, specialised as at run time for ViT-B, loads and stores
-    16 bytes per thread access (ld/st.global.v4.b32), as a memory-bound copy should."""
+@pytest.fixture(scope="module")
+def widths() -> str:
+    """`triton_aot_compile.py widths 90`'s output: the kernels specialised as at run time, compiled once for the
+    three tests that read it."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT), "widths", "90"], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("sm_90 widths"))
+    return result.stdout
+
+
+def test_row_select_moves_16_bytes_per_access_at_vit_shapes(widths):
+    """Read off the PTX, no GPU: gather_tokens' kernel, specialised as at run time for ViT-B, loads and stores
+    16 bytes per thread access (ld/st.global.v4.b32), as a memory-bound copy should."""
+    line = next(line for line in widths.splitlines() if line.startswith("sm_90 widths"))
     assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line
 
 
-def test_bias_gelu_moves_16_bytes_per_access_at_vit_shapes():
+def test_bias_gelu_moves_16_bytes_per_access_at_vit_shapes(widths):
     """bias_gelu forward and backward at ViT-B's MLP width in bf16 load and store the [rows, F] tensors 16 bytes
     per thread access (the bias row and the backward's partial-sum row are the narrow accesses)."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "widths", "90"], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 widths bias_gelu")]
-    assert len(lines) == 2, result.stdout
+    lines = [line for line in widths.splitlines() if line.startswith("sm_90 widths bias_gelu")]
+    assert len(lines) == 2, widths
     for line in lines:
         assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line
 
 
-def test_attention_loops_are_pipelined_with_16_byte_loads_as_launched():
+def test_attention_loops_are_pipelined_with_16_byte_loads_as_launched(widths):
     """The attention kernels specialised as at run time for ViT-B's decoder (bf16, 64 x 64 tiles, 4 warps): each
     loop's loads are software-pipelined (cp.async), the bf16 rows are read 16 bytes per access, nothing spills."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "widths", "90"], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 as launched attention")]
-    assert len(lines) == 3, result.stdout
+    lines = [line for line in widths.splitlines() if line.startswith("sm_90 as launched attention")]
+    assert len(lines) == 3, widths
     for line in lines:
         copies = int(line.split(" cp.async")[0].rsplit(", ", 1)[1])
         assert copies > 0 and "0 bytes spilled" in line and "ld.global.v4.b32" in line, line
