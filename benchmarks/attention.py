@@ -1,5 +1,7 @@
 """Attention forward + backward at the MAE's shapes: fastmae_kernels' Triton kernels against torch's SDPA, as torch
-picks its kernel and with each of its backends forced (flash, cuDNN, efficient), in bf16.
+picks its kernel and with each of its backends forced (flash, cuDNN, efficient), in bf16. "triton" is what the
+model runs (its backward picked by B * H: column "backward"); "triton-head" or "triton-split" is the other
+backward forced (FASTMAE_ATTENTION_BACKWARD), so every shape times both.
 
 Each (model, stack) shape is one attention call of that stack at the e2e batch: ViT-B/16 b256's encoder (50
 tokens, head dim 64), decoder (197 tokens, head dim 32) and the decoder's last block (147 masked query rows);
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastmae_kernels as fk  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.kernels.timing import _time as time_ms  # noqa: E402
+from fastmae_kernels.triton_ops.attention import backward_kind  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,11 @@ GPU_SHAPES = [  # B first, then H (its head dims 80 and 32, 65 and 257 tokens), 
     Shape("L", "decoder-last", 128, 16, 147, 197, 32, 1),
 ]
 SMOKE_SHAPES = [Shape("tiny", "encoder", 2, 3, 17, 17, 32, 4), Shape("tiny", "decoder-last", 2, 4, 12, 65, 16, 1)]
+TRITON_FORCED = {"triton-head": "head", "triton-split": "split"}  # row -> the backward it forces; "triton" picks
 SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                "sdpa-efficient": "EFFICIENT_ATTENTION"}
-COLUMNS = ["model", "stack", "impl", "status", "fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80", "fwd_ms", "tflops",
-           "vs_sdpa", "max_rel_err"]
+COLUMNS = ["model", "stack", "impl", "backward", "status", "fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80", "fwd_ms",
+           "tflops", "vs_sdpa", "max_rel_err"]
 
 
 def implementations(device: torch.device) -> dict:
@@ -70,8 +74,27 @@ def implementations(device: torch.device) -> dict:
                 with sdpa_kernel(_backend):
                     return F.scaled_dot_product_attention(q, k, v)
             impls[name] = forced
-    impls["triton"] = lambda q, k, v: fk.attention(q, k, v, backend="triton")
+    for name in ("triton", *TRITON_FORCED):  # the forced ones differ in `measure`'s FASTMAE_ATTENTION_BACKWARD
+        impls[name] = lambda q, k, v: fk.attention(q, k, v, backend="triton")
     return impls
+
+
+@contextlib.contextmanager
+def backward_forced(kind: str | None):
+    """FASTMAE_ATTENTION_BACKWARD=kind inside (nothing changed for None); the backward reads it when autograd
+    runs it, so a whole forward + backward must run inside."""
+    if kind is None:
+        yield
+        return
+    before = os.environ.get("FASTMAE_ATTENTION_BACKWARD")
+    os.environ["FASTMAE_ATTENTION_BACKWARD"] = kind
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTMAE_ATTENTION_BACKWARD"]
+        else:
+            os.environ["FASTMAE_ATTENTION_BACKWARD"] = before
 
 
 def inputs(shape: Shape, device: torch.device, dtype: torch.dtype):
@@ -114,6 +137,11 @@ def measure(shape: Shape, name: str, impl, device: torch.device, tolerance: floa
     row = {"model": shape.model, "stack": shape.stack, "impl": name, "status": "ok",
            "shape": f"{shape.batch}x{shape.heads}x{shape.q_len}x{shape.kv_len}x{shape.head_dim}"}
     q, k, v, do = inputs(shape, device, torch.bfloat16)
+    with backward_forced(TRITON_FORCED.get(name)):
+        return _measure(shape, row, impl, q, k, v, do, device, tolerance, smoke)
+
+
+def _measure(shape, row, impl, q, k, v, do, device, tolerance, smoke) -> dict:
     try:
         row["max_rel_err"] = max_rel_error(impl, q, k, v, do)  # also the triton autotuner's first call
     except RuntimeError as exc:  # a forced SDPA backend that does not take this shape
@@ -176,8 +204,14 @@ def main(argv=None) -> int:
     with tqdm(total=len(shapes) * len(impls), desc="attention", unit="run") as bar:
         for shape in shapes:
             base = None
+            picked = backward_kind(shape.batch * shape.heads)  # what "triton" runs at this shape
             for name, impl in impls.items():
+                if TRITON_FORCED.get(name) == picked:
+                    bar.update()
+                    continue  # the "triton" row, timed once
                 row = measure(shape, name, impl, device, tolerance, args.smoke)
+                if name == "triton":
+                    row["backward"] = picked
                 if name == "sdpa":
                     base = row.get("fwd_bwd_ms")
                 if base and row.get("fwd_bwd_ms"):

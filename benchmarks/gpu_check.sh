@@ -82,11 +82,12 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 # 1b. Attention, the largest kernel time of the compiled ViT-B step that is not a GEMM (9.5 ms of 49.5 on the H200,
 #    2026-12-04): SDPA ran the decoder's head dim 32 through cuDNN's 64x64x64 tile. fastmae_kernels' Triton
 #    attention (head dim tiled at its size) against SDPA as torch picks it and with each backend forced, forward +
-#    backward at every stack's shape of B, H and L (NOTES §7.5: the decoder 0.8-1.6x, the encoder 0.6-1.1x). ~100 s,
-#    most of it the autotuner's compiles (each row is checked against fp32 math before it is timed); then, only if
-#    the Triton decoder beat SDPA's, the compiled ViT-B step with it (decoder only, and everywhere) against
-#    fast-compiled in 2 rounds (§7.5: 0.96-1.06x, 0.94-1.07x).
-stage attention 120 python benchmarks/attention.py --models B,H,L --out "$WORK/attention"
+#    backward at every stack's shape of B, H and L, with both of its backwards: "triton" (one program per head at
+#    these batches) and "triton-split" (NOTES §7.5, split: the decoder 0.8-1.6x SDPA, the encoder 0.6-1.1x; §7.6,
+#    head / split: 1.05-1.30x). ~130 s, most of it the autotuner's compiles (each row is checked against fp32 math
+#    before it is timed); then, only if the Triton decoder beat SDPA's, the compiled ViT-B step with it (decoder
+#    only, and everywhere) against fast-compiled in 2 rounds (§7.6: 0.97-1.09x, 0.95-1.10x).
+stage attention 150 python benchmarks/attention.py --models B,H,L --out "$WORK/attention"
 if python - "$WORK/attention/attention.json" <<'PY' >>"$DEST/summary.log" 2>&1
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
@@ -102,8 +103,8 @@ else
 fi
 #    The attention's own tests on the card (2026-12-05: only run in the interpreter and compiled for sm_90), after
 #    the benchmark, which checks every implementation against fp32 math before timing it; one tile per kernel,
-#    dtype and head dim (the autotuner would compile and time 3 for every test shape: minutes).
-FASTMAE_ATTENTION_AUTOTUNE=0 stage attention_tests 100 python -m pytest -q -p no:cacheprovider \
+#    dtype and head dim (the autotuner would compile and time 3 for every test shape: minutes); both backwards.
+FASTMAE_ATTENTION_AUTOTUNE=0 stage attention_tests 130 python -m pytest -q -p no:cacheprovider \
   tests/test_triton_attention.py tests/test_triton_model.py -k "attention or attn"
 
 # 1c. The eager step, 3 rounds each: ViT-H/14 b64 with a profile here, ViT-B/16 b256 at 1e (NOTES §7.3: since

@@ -75,17 +75,28 @@ PREDICTIONS = [
                "§6.5 + §6.6 (1.07-1.13x) with the host out of the way; 1.13x measured for the norm alone"),
     Prediction("7.4", "e2e", "B", "fast-compiled-graphed", "fast-compiled", 0.99, 1.04,
                "the compiled step is 97% busy; reduce-overhead gained 1.5% on the H100"),
-    # §7.5: fastmae_kernels' Triton attention (head dim tiled at its size) against SDPA as torch picks it (cuDNN)
-    Prediction("7.5", "attention", "B", "decoder/triton", "sdpa", 0.80, 1.60,
+    # §7.5: fastmae_kernels' Triton attention (head dim tiled at its size) against SDPA as torch picks it (cuDNN);
+    # made for the split backward (9 products per tile pair), which is "triton-split" since §7.6
+    Prediction("7.5", "attention", "B", "decoder/triton-split", "sdpa", 0.80, 1.60,
                "64% of cuDNN's padded FLOPs (d 32 not padded to 64, 9 products not 7) at 50-100% of its efficiency"),
-    Prediction("7.5", "attention", "B", "encoder/triton", "sdpa", 0.60, 1.10,
+    Prediction("7.5", "attention", "B", "encoder/triton-split", "sdpa", 0.60, 1.10,
                "50 tokens at head dim 64: the same padding as cuDNN's tile and 9 products against its 7"),
-    Prediction("7.5", "attention", "H", "decoder/triton", "sdpa", 0.80, 1.60,
+    Prediction("7.5", "attention", "H", "decoder/triton-split", "sdpa", 0.80, 1.60,
                "257 tokens (5 blocks of 64, as cuDNN's), head dim 32: as ViT-B's decoder"),
-    Prediction("7.5", "e2e", "B", "fast-compiled-tritonattn-dec", "fast-compiled", 0.96, 1.06,
-               "the decoder's ~7.7 ms of cuDNN attention (of 49.5 ms, H200) at 0.8-1.6x"),
-    Prediction("7.5", "e2e", "B", "fast-compiled-tritonattn", "fast-compiled", 0.94, 1.07,
-               "plus the encoder's ~1.8 ms at 0.6-1.1x"),
+    # §7.6: the one-program-per-head backward ("triton" at the e2e batches, B * H >= 512) against the split one;
+    # §7.5's e2e intervals (0.96-1.06x, 0.94-1.07x) revised with it before measuring
+    Prediction("7.6", "attention", "B", "decoder/triton", "triton-split", 1.05, 1.30,
+               "7 products per tile pair (forward 2 + backward 5) against 9, one backward launch against 3"),
+    Prediction("7.6", "attention", "B", "encoder/triton", "triton-split", 1.05, 1.40,
+               "one tile pair per head: 5 backward products against 7, and no delta or dQ launch"),
+    Prediction("7.6", "attention", "H", "decoder/triton", "triton-split", 1.05, 1.30,
+               "as ViT-B's decoder (5 x 5 tile pairs per head)"),
+    Prediction("7.6", "attention", "B", "decoder/triton", "sdpa", 0.85, 2.00,
+               "§7.5's 0.8-1.6x for the split kernels times 1.05-1.30x"),
+    Prediction("7.6", "e2e", "B", "fast-compiled-tritonattn-dec", "fast-compiled", 0.97, 1.09,
+               "the decoder's ~7.7 ms of cuDNN attention (of 49.5 ms, H200) at 0.85-2.0x"),
+    Prediction("7.6", "e2e", "B", "fast-compiled-tritonattn", "fast-compiled", 0.95, 1.10,
+               "plus the encoder's ~1.8 ms at 0.63-1.5x"),
     # §6.5 / §6.6: the eager fused kernels, and the same kernels inside the compiled graph
     Prediction("6.5", "e2e", "B", "fast-eager-fusednorm", "fast-eager", 1.06, 1.10,
                "fused add + LayerNorm: 20.2 GB less traffic per step (if the host keeps ahead, §7.3)"),

@@ -42,10 +42,10 @@ def test_predictions_name_what_the_check_measures():
             assert op in kernel_ops and impl in ("triton", "cuda") and mode in ("fwd", "fwd+bwd"), p
             assert p.b in ("torch eager", "torch.compile", "graph_ms"), p
         elif p.kind == "attention":  # a row (or the per-step sum) of benchmarks/attention.py, which the script runs
-            from benchmarks.attention import GPU_SHAPES, SDPA_FORCED
+            from benchmarks.attention import GPU_SHAPES, SDPA_FORCED, TRITON_FORCED
 
             stack, impl = p.a.split("/")
-            impls = {"sdpa", "triton", *SDPA_FORCED}
+            impls = {"sdpa", "triton", *SDPA_FORCED, *TRITON_FORCED}
             assert stack in {s.stack for s in GPU_SHAPES} | {"step"} and {impl, p.b} <= impls, p
             assert p.model in {s.model for s in GPU_SHAPES} and "benchmarks/attention.py" in script, p
         elif p.kind == "bandwidth":  # a profiled e2e stage of the script, and a committed codegen of its variant
@@ -228,7 +228,7 @@ def test_the_committed_codegen_is_found_for_the_runs_torch(tmp_path):
 
 
 def test_report_reads_the_attention_benchmark(tmp_path):
-    """benchmarks/attention.py's own output (CPU smoke, rows relabelled as ViT-B's decoder) against the §7.5
+    """benchmarks/attention.py's own output (CPU smoke, rows relabelled as ViT-B's decoder) against the §7.6
     kernel prediction: b's fwd+bwd ms / a's, with the p20/p80 range."""
     from benchmarks import attention
 
@@ -240,7 +240,7 @@ def test_report_reads_the_attention_benchmark(tmp_path):
     (out / "attention.json").write_text(json.dumps(data))
     rows = gpu_check_report.attention_rows(out.parent)
     table = gpu_check_report.prediction_table({}, [], {}, attention=rows)
-    (line,) = [t for t in table if t["NOTES"] == "§7.5" and t["what"] == "decoder/triton / sdpa" and t["model"] == "B"]
+    (line,) = [t for t in table if t["NOTES"] == "§7.6" and t["what"] == "decoder/triton / sdpa" and t["model"] == "B"]
     pick = {r["impl"]: r for r in data["rows"] if r["stack"] == "decoder"}
     want = pick["sdpa"]["fwd_bwd_ms"] / pick["triton"]["fwd_bwd_ms"]
     assert line["measured"].startswith(f"{want:.3f} [") and line["verdict"] != "not measured"

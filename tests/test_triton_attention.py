@@ -5,6 +5,8 @@ in the same dtype (`reference.attention`: scores, probabilities and output round
 FlashAttention's test rule, as the other Triton tests) plus a few fp32 ulps of the largest value.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,9 +45,16 @@ def _triton(q, k, v):
     return fk.attention(q, k, v, backend="triton")
 
 
+@pytest.fixture(params=["head", "split"])
+def backward(request, monkeypatch):
+    """Each backward (`backward_kind`): one program per head, or the three split kernels."""
+    monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
-def test_attention_matches_references(shape, dtype):
+def test_attention_matches_references(shape, dtype, backward):
     q, k, v = _qkv(*shape, dtype, seed=sum(shape))
     b, h, m, _, d = shape
     grad_out = randn(b, h, m, d, dtype=torch.float64, seed=5).to(dtype).double()  # representable in out's dtype
@@ -60,7 +69,7 @@ def test_attention_matches_references(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_attention_over_one_key(dtype):
+def test_attention_over_one_key(dtype, backward):
     """Softmax over one key is 1: the output is v exactly, dv is the output gradient exactly, and dq, dk are 0
     up to the rounding of dO.V - dO.O (FlashAttention's backward computes the two apart)."""
     q, k, v = _qkv(2, 3, 4, 1, 16, dtype, seed=6)
@@ -76,7 +85,7 @@ def test_attention_over_one_key(dtype):
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("keys", [2, 5])
-def test_attention_one_query_row_within_the_delta_bound(dtype, keys):
+def test_attention_one_query_row_within_the_delta_bound(dtype, keys, backward):
     """With one query row and few keys dQ and dK are differences of nearly equal terms: dS = P * (dP - delta), and
     delta = rowsum(dO * O) reads the output rounded to its dtype (FlashAttention-2's backward, which cuDNN's and
     torch's flash kernels share). The naive reference computes delta from unrounded probabilities, so here the
@@ -98,6 +107,63 @@ def test_attention_one_query_row_within_the_delta_bound(dtype, keys):
             bound = 2 * (s.double() - e).abs().max().item() + extra.get(name, 0.0) \
                 + 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
             assert err <= bound, f"{name} seed {seed}: {err} > {bound}"
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on a GPU tensor cores may accumulate dS K in another order")
+@pytest.mark.parametrize("shape", [(2, 3, 50, 50, 64), (1, 2, 37, 70, 32), (1, 2, 65, 65, 80)])
+def test_the_two_backwards_give_the_same_bits_in_the_interpreter(shape, monkeypatch):
+    """Both backwards round dS once and add dQ's per-tile products in the same order, so where each product is
+    exact fp32 math (the interpreter) every gradient is bit for bit the same."""
+    q, k, v = _qkv(*shape, BF16, seed=19)
+    b, h, m, _, d = shape
+    grad_out = randn(b, h, m, d, dtype=torch.float64, seed=20).to(BF16).double()
+    grads = {}
+    for kind in ("head", "split"):
+        monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", kind)
+        grads[kind] = _run(_triton, q, k, v, grad_out)
+    for name, a, c in zip(("out", "dq", "dk", "dv"), grads["head"], grads["split"]):
+        assert torch.equal(a, c), name
+
+
+def test_head_backward_writes_its_scratch_before_reading_it(monkeypatch):
+    """The dQ scratch comes uninitialised: handed one full of NaN, the head backward's gradients are unchanged."""
+    module = importlib.import_module("fastmae_kernels.triton_ops.attention")
+
+    monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", "head")
+    q, k, v = _qkv(1, 2, 37, 70, 32, BF16, seed=21)
+    grad_out = randn(1, 2, 37, 32, dtype=torch.float64, seed=22).to(BF16).double()
+    clean = _run(_triton, q, k, v, grad_out)
+    monkeypatch.setattr(module, "_dq_scratch", lambda *shape_and_device: torch.full(
+        shape_and_device[:3], float("nan"), dtype=torch.float32, device=shape_and_device[3]))
+    for a, c in zip(clean, _run(_triton, q, k, v, grad_out)):
+        assert torch.equal(a, c)
+
+
+def test_backward_kind_picks_by_heads_and_rejects_unknown_names(monkeypatch):
+    """auto: one program per head from HEAD_BACKWARD_MIN_HEADS heads (B * H) up, the split kernels below; each
+    kind launches its own kernels."""
+    module = importlib.import_module("fastmae_kernels.triton_ops.attention")
+
+    monkeypatch.delenv("FASTMAE_ATTENTION_BACKWARD", raising=False)
+    assert module.backward_kind(module.HEAD_BACKWARD_MIN_HEADS) == "head"
+    assert module.backward_kind(module.HEAD_BACKWARD_MIN_HEADS - 1) == "split"
+    monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", "split")
+    assert module.backward_kind(10 ** 6) == "split"
+    monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", "head")
+    assert module.backward_kind(1) == "head"
+
+    launched = []
+    real_launch = module._launch
+    monkeypatch.setattr(module, "_launch", lambda name, *a, **kw: (launched.append(name), real_launch(name, *a, **kw)))
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 9, 12, 16, BF16, seed=23))
+    for kind, names in (("head", ["forward", "backward_head"]), ("split", ["forward", "dkdv", "dq"])):
+        monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", kind)
+        launched.clear()
+        _triton(q, k, v).sum().backward()
+        assert launched == names, kind
+    monkeypatch.setenv("FASTMAE_ATTENTION_BACKWARD", "fused")
+    with pytest.raises(ValueError, match="FASTMAE_ATTENTION_BACKWARD must be one of auto, head, split"):
+        _triton(q, k, v).sum().backward()
 
 
 def test_attention_reference_is_sdpa_in_fp64():

@@ -25,6 +25,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.attention import (  # noqa: E402
+    _attention_backward_head_kernel,
     _attention_delta_kernel,
     _attention_dkdv_kernel,
     _attention_dq_kernel,
@@ -119,17 +120,21 @@ def variants():
         yield f"invert mask {mask}", _invert_kernel, ptrs, dict(BLOCK_N=4, BLOCK_L=256), ()
 
 
+FP32_POINTERS = ("lse_ptr", "delta_ptr", "dq_acc_ptr")  # the attention kernels' fp32 statistics and scratch
+
+
 def attention_variants():
     """Every tile the attention autotuner may pick, bf16 (autocast, bf16 weights) at the head dims of ViT-B/L
     and the decoders (32, 64) and ViT-H (80 -> 128); fp32 and fp16 at the first tile of each set."""
     floats = ("qk_scale", "sm_scale")
     for big_head, block_d in ((False, 32), (False, 64), (True, 128)):
-        for backward, kernels in ((False, (_attention_forward_kernel,)),
-                                  (True, (_attention_dkdv_kernel, _attention_dq_kernel))):
-            for i, config in enumerate(_configs(big_head, backward)):
+        for tiles, kernels in (("forward", (_attention_forward_kernel,)),
+                               ("backward", (_attention_dkdv_kernel, _attention_dq_kernel)),
+                               ("backward_head", (_attention_backward_head_kernel,))):
+            for i, config in enumerate(_configs(big_head, tiles)):
                 for dtype in ("bf16",) if i else ("bf16", "fp32", "fp16"):
                     for fn in kernels:
-                        ptrs = {name: ("fp32" if name in ("lse_ptr", "delta_ptr") else dtype)
+                        ptrs = {name: ("fp32" if name in FP32_POINTERS else dtype)
                                 for name in fn.arg_names if name.endswith("_ptr")}
                         consts = dict(config.kwargs, BLOCK_D=block_d, IEEE=dtype == "fp32", INTERP=False)
                         tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
@@ -197,22 +202,25 @@ def widths(arch: int = 90) -> None:
 
 def attention_as_launched(arch: int = 90) -> None:
     """The attention kernels specialised as at run time for ViT-B's decoder (q, k, v views of the qkv GEMM's
-    [256, 197, 3, 16, 32] bf16 output; output and gradients [256, 197, 16, 32]) at the 64 x 64 tile, 4 warps:
+    [256, 197, 3, 16, 32] bf16 output; output and gradients [256, 197, 16, 32]) at each one's first tile:
     registers, the loop's cp.async copies (software pipelining) and the global load widths. Without the run-time
     divisibility hints (`main`) Triton cannot prove the bf16 rows 16-byte aligned and pipelines no bf16 load."""
     qkv = dict(sb=197 * 1536, sh=32, sn=1536)
     out = dict(sb=197 * 512, sh=32, sn=512)
     values = dict(heads=16, q_len=197, kv_len=197, head_dim=32)
-    for prefix, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", out), ("do", out), ("g", out)):
+    for prefix, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", out), ("do", out), ("g", out), ("gq", out)):
         values.update({f"{prefix}_{k}": v for k, v in strides.items()})
-    for fn in (_attention_forward_kernel, _attention_dkdv_kernel, _attention_dq_kernel):
-        ptrs = {n: ("fp32" if n in ("lse_ptr", "delta_ptr") else "bf16") for n in fn.arg_names if n.endswith("_ptr")}
+    for fn, tiles in ((_attention_forward_kernel, "forward"), (_attention_dkdv_kernel, "backward"),
+                      (_attention_dq_kernel, "backward"), (_attention_backward_head_kernel, "backward_head")):
+        ptrs = {n: ("fp32" if n in FP32_POINTERS else "bf16") for n in fn.arg_names if n.endswith("_ptr")}
         used = {k: v for k, v in values.items() if k in fn.arg_names}
-        consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, IEEE=False, INTERP=False)
-        kernel = compile_as_launched(fn, ptrs, consts, used, GPUTarget("cuda", arch, 32), num_warps=4,
-                                     floats=("qk_scale", "sm_scale"), num_stages=2)
+        config = _configs(False, tiles)[0]  # what FASTMAE_ATTENTION_AUTOTUNE=0 launches
+        consts = dict(config.kwargs, BLOCK_D=32, IEEE=False, INTERP=False)
+        kernel = compile_as_launched(fn, ptrs, consts, used, GPUTarget("cuda", arch, 32), num_warps=config.num_warps,
+                                     floats=("qk_scale", "sm_scale"), num_stages=config.num_stages)
         ptx = kernel.asm["ptx"]
-        print(f"sm_{arch} as launched {fn.__name__.strip('_')} (ViT-B decoder, bf16, 64x64, 4 warps): "
+        tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}, {config.num_warps} warps"
+        print(f"sm_{arch} as launched {fn.__name__.strip('_')} (ViT-B decoder, bf16, {tile}): "
               f"{ptxas_usage(ptx, arch)}, {len(re.findall('cp.async.cg', ptx) + re.findall('cp.async.ca', ptx))} "
               f"cp.async, loads {access_widths(ptx)}")
 

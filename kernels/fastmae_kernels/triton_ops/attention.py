@@ -10,10 +10,14 @@ chosen per shape by Triton's autotuner on the card.
 
 The math is FlashAttention-2's (Dao, 2023): the forward keeps a running max and sum per query row (online
 softmax, exp2 on scores pre-scaled by log2 e) and stores the row's log-sum-exp; the backward recomputes the
-probabilities from it. Three backward kernels: delta = rowsum(dO * O); dK, dV with one program per key block
-walking every query block; dQ with one program per query block walking every key block. Every gradient is
-written once by one program: no atomics, deterministic. As in FlashAttention, the probabilities (forward) and
-dS (backward) are rounded to the inputs' dtype before their second matmul; everything else accumulates in fp32.
+probabilities from it. Two backwards, picked by `backward_kind` (FASTMAE_ATTENTION_BACKWARD):
+- "split", three kernels: delta = rowsum(dO * O); dK, dV with one program per key block walking every query
+  block; dQ with one program per query block walking every key block (7 products per tile pair);
+- "head", one kernel with one program per head: delta, then dK, dV per key block with each tile's dQ part added
+  into an fp32 scratch that the program owns (5 products per tile pair; B * H programs).
+Every gradient is written by one program: no atomics, deterministic. As in FlashAttention, the probabilities
+(forward) and dS (backward) are rounded to the inputs' dtype before their second matmul; everything else
+accumulates in fp32.
 
 Layouts: q [B, H, M, D], k and v [B, H, N, D] with any strides whose last is 1 (the ViT's q, k, v are views of
 the qkv GEMM's output: no copy). The output and the gradients come back as [B, H, *, D] views of
@@ -217,41 +221,125 @@ def _attention_dq_kernel(
              _cast(dq * sm_scale, dq_ptr.dtype.element_ty, INTERP), mask=q_mask)
 
 
+@triton.jit
+def _attention_backward_head_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_acc_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn, do_sb, do_sh, do_sn,
+    gq_sb, gq_sh, gq_sn, g_sb, g_sh, g_sn,
+    heads, q_len, kv_len, head_dim, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """The whole backward of one head in one program (program bh): delta, then dK and dV per key block over every
+    query block, as `_attention_dkdv_kernel`, with each tile's dQ part dS K added into an fp32 scratch row block
+    (dq_acc [B * H, M, BLOCK_D], this head's alone). 5 products per tile pair where the split kernels do 7 (dQ's
+    kernel recomputes S and dP), and one launch instead of three. The price is parallelism: B * H programs, each
+    walking every tile pair of its head, which MAE's short sequences and large batches can afford. The scratch is
+    written and read back by different threads of the program; the barriers order those accesses."""
+    bh = tl.program_id(0)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q_base = q_ptr + b * q_sb + h * q_sh
+    do_base = do_ptr + b * do_sb + h * do_sh
+    o_base = o_ptr + b * o_sb + h * o_sh
+    row_stats = bh.to(tl.int64) * q_len
+    acc_base = dq_acc_ptr + row_stats * BLOCK_D
+    for start in range(0, q_len, BLOCK_M):  # delta = rowsum(dO * O), as `_attention_delta_kernel`
+        rows = start + tl.arange(0, BLOCK_M)
+        ok = (rows < q_len)[:, None] & d_ok[None, :]
+        o = tl.load(o_base + rows[:, None] * o_sn + d[None, :], mask=ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=ok, other=0.0)
+        tl.store(delta_ptr + row_stats + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1),
+                 mask=rows < q_len)
+    tl.debug_barrier()
+    for start_n in range(0, kv_len, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows
+        col_ok = cols < kv_len
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * k_sb + h * k_sh + cols[:, None] * k_sn + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * v_sb + h * v_sh + cols[:, None] * v_sn + d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start in range(0, q_len, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+            row_ok = rows < q_len
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * q_sn + d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+            do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
+            s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+            dv += _dot(tl.trans(_cast(p, do.dtype, INTERP)), do, IEEE, INTERP)  # [BLOCK_N, BLOCK_D]
+            dp = _dot(do, tl.trans(v), IEEE, INTERP)  # [BLOCK_M, BLOCK_N]
+            ds = _cast(p * (dp - delta[:, None]), q.dtype, INTERP)
+            dk += _dot(tl.trans(ds), q, IEEE, INTERP)
+            # dQ of these rows += dS K_j; the first key block writes the scratch instead of reading it
+            acc_at = acc_base + rows[:, None] * BLOCK_D + d[None, :]
+            before = tl.load(acc_at, mask=row_ok[:, None] & (start_n > 0), other=0.0)
+            tl.store(acc_at, before + _dot(ds, k, IEEE, INTERP), mask=row_ok[:, None])
+        g_at = b * g_sb + h * g_sh + cols[:, None] * g_sn + d[None, :]
+        tl.store(dk_ptr + g_at, _cast(dk * sm_scale, dk_ptr.dtype.element_ty, INTERP), mask=kv_mask)
+        tl.store(dv_ptr + g_at, _cast(dv, dv_ptr.dtype.element_ty, INTERP), mask=kv_mask)
+        tl.debug_barrier()  # this key block's scratch updates before the next block reads them
+    for start in range(0, q_len, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q_mask = (rows < q_len)[:, None] & d_ok[None, :]
+        dq = tl.load(acc_base + rows[:, None] * BLOCK_D + d[None, :], mask=q_mask, other=0.0)
+        tl.store(dq_ptr + b * gq_sb + h * gq_sh + rows[:, None] * gq_sn + d[None, :],
+                 _cast(dq * sm_scale, dq_ptr.dtype.element_ty, INTERP), mask=q_mask)
+
+
 def _head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
 
 
-def _configs(big_head: bool, backward: bool) -> list[triton.Config]:
-    """Candidate tiles for the autotuner (on a GPU; the interpreter takes `_INTERPRETER_BLOCKS`): (BLOCK_M,
-    BLOCK_N, warps) for head dims up to 64 (ViT-B/L, every decoder) and above (ViT-H's 80 -> 128). The backward
-    keeps two [BLOCK_N, D] accumulators and recomputes P: smaller tiles or 8 warps (64 x 128 at head dim 64 and
-    64 x 64 at 128 spilled, so they are not candidates). Every tile compiles for sm_90 in bf16 without spilling
-    (tests/triton_aot_compile.py prints registers and spills); fp32 inputs run the same tiles without tensor
-    cores and spill, a correctness path, not a fast one."""
-    if backward:
-        tiles = [(64, 32, 4), (32, 64, 8), (32, 32, 4)] if big_head else [(64, 64, 4), (32, 64, 4), (64, 64, 8)]
-    else:
-        tiles = [(64, 32, 4), (64, 64, 4), (128, 32, 8)] if big_head else [(64, 64, 4), (128, 64, 8), (64, 128, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2) for m, n, w in tiles]
+_TILES = {  # config set -> (BLOCK_M, BLOCK_N, warps) for head dims up to 64, and above (ViT-H's 80 -> 128)
+    "forward": ([(64, 64, 4), (128, 64, 8), (64, 128, 4)], [(64, 32, 4), (64, 64, 4), (128, 32, 8)]),
+    # two [BLOCK_N, D] accumulators, P recomputed: 64 x 128 at head dim 64 and 64 x 64 at 128 spilled
+    "backward": ([(64, 64, 4), (32, 64, 4), (64, 64, 8)], [(64, 32, 4), (32, 64, 8), (32, 32, 4)]),
+    # the split backward's dK/dV loop plus dS K and the scratch update: every 4-warp tile at head dim 128 spilled
+    "backward_head": ([(64, 64, 8), (32, 64, 4), (32, 64, 8)], [(32, 64, 8), (16, 64, 8), (32, 64, 16)]),
+}
+
+
+def _configs(big_head: bool, tiles: str) -> list[triton.Config]:
+    """Candidate tiles for the autotuner (on a GPU; the interpreter takes `_INTERPRETER_BLOCKS`) from set `tiles`
+    of `_TILES`. Every tile compiles for sm_90 in bf16 without spilling (tests/triton_aot_compile.py prints
+    registers and spills); fp32 inputs run the same tiles without tensor cores and spill, a correctness path, not
+    a fast one."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
+            for m, n, w in _TILES[tiles][big_head]]
 
 
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # small tiles: tests cover several blocks and a partial one
 
 
-def _tuned(kernel, backward: bool):
+def _tuned(kernel, tiles: str):
     """(small-head kernel, big-head kernel): autotuned per (q_len, kv_len, head_dim) on a GPU."""
     if INTERPRETED:
         return kernel, kernel
     key = ["q_len", "kv_len", "head_dim"]
-    return (triton.autotune(_configs(False, backward), key=key)(kernel),
-            triton.autotune(_configs(True, backward), key=key)(kernel))
+    return (triton.autotune(_configs(False, tiles), key=key)(kernel),
+            triton.autotune(_configs(True, tiles), key=key)(kernel))
 
 
-_KERNELS = {  # name -> (the kernel, its autotuned small- and big-head versions, whether it is a backward kernel)
-    "forward": (_attention_forward_kernel, _tuned(_attention_forward_kernel, backward=False), False),
-    "dkdv": (_attention_dkdv_kernel, _tuned(_attention_dkdv_kernel, backward=True), True),
-    "dq": (_attention_dq_kernel, _tuned(_attention_dq_kernel, backward=True), True),
+_KERNELS = {  # name -> (the kernel, its autotuned small- and big-head versions, its set of tiles)
+    "forward": (_attention_forward_kernel, _tuned(_attention_forward_kernel, "forward"), "forward"),
+    "dkdv": (_attention_dkdv_kernel, _tuned(_attention_dkdv_kernel, "backward"), "backward"),
+    "dq": (_attention_dq_kernel, _tuned(_attention_dq_kernel, "backward"), "backward"),
+    "backward_head": (_attention_backward_head_kernel, _tuned(_attention_backward_head_kernel, "backward_head"),
+                      "backward_head"),
 }
+
+BACKWARDS = ("auto", "head", "split")
+# "auto" runs the one-program-per-head backward from this many heads (B * H) up: ~4 programs per SM of an
+# H100/H200 (132), so the last wave's idle SMs cost little. Below it the split kernels' B * H * blocks programs
+# fill the card better. A guess from the programs' work, not a measurement: benchmarks/attention.py times both.
+HEAD_BACKWARD_MIN_HEADS = 512
 
 
 def autotune_enabled() -> bool:
@@ -261,21 +349,31 @@ def autotune_enabled() -> bool:
     return os.environ.get("FASTMAE_ATTENTION_AUTOTUNE", "1") != "0"
 
 
-def _launch(name: str, grid_rows_arg: str, rows: int, bh: int, head_dim: int, *args, **consts):
+def backward_kind(heads: int) -> str:
+    """"head" or "split": FASTMAE_ATTENTION_BACKWARD (auto, head, split; default auto) for `heads` = B * H."""
+    kind = os.environ.get("FASTMAE_ATTENTION_BACKWARD", "auto")
+    if kind not in BACKWARDS:
+        raise ValueError(f"FASTMAE_ATTENTION_BACKWARD must be one of {', '.join(BACKWARDS)}, got {kind!r}")
+    if kind == "auto":
+        return "head" if heads >= HEAD_BACKWARD_MIN_HEADS else "split"
+    return kind
+
+
+def _launch(name: str, grid_rows_arg: str | None, rows: int, bh: int, head_dim: int, *args, **consts):
     """Launches kernel `name` (small- or big-head tiles) on B * H * (row blocks of `grid_rows_arg`) programs
-    (`_program`)."""
-    kernel, tuned, backward = _KERNELS[name]
+    (`_program`), or on B * H programs when `grid_rows_arg` is None."""
+    kernel, tuned, tiles = _KERNELS[name]
     big_head = head_dim > 64
     if INTERPRETED:
         meta = dict(_INTERPRETER_BLOCKS)
     elif autotune_enabled():
         kernel, meta = tuned[big_head], {}
     else:
-        config = _configs(big_head, backward)[0]
+        config = _configs(big_head, tiles)[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
     def grid(launch_meta):
-        return (bh * triton.cdiv(rows, launch_meta[grid_rows_arg]),)
+        return (bh if grid_rows_arg is None else bh * triton.cdiv(rows, launch_meta[grid_rows_arg]),)
 
     kernel[grid](*args, **consts, **meta)
 
@@ -317,6 +415,12 @@ def _(q, k, v):
     return _heads_last(q, m), q.new_empty((b * h, m), dtype=torch.float32)
 
 
+def _dq_scratch(heads: int, rows: int, block_d: int, device: torch.device) -> torch.Tensor:
+    """[B * H, M, BLOCK_D] fp32 for the one-program-per-head backward's dQ sums; uninitialised: its first key
+    block writes every row before any is read."""
+    return torch.empty((heads, rows, block_d), dtype=torch.float32, device=device)
+
+
 def _backward_launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), each in its input's dtype, as [B, H, *, D] views of [B, *, H, D] buffers."""
@@ -328,11 +432,17 @@ def _backward_launch(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _head_block(d)
     delta = torch.empty((b * h, m), dtype=torch.float32, device=q.device)
+    scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
+    common = dict(BLOCK_D=block_d, IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
+    if backward_kind(b * h) == "head":
+        dq_acc = _dq_scratch(b * h, m, block_d, q.device)
+        _launch("backward_head", None, m, b * h, d, q, k, v, out, do, lse, delta, dq_acc, dq, dk, dv,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq),
+                *_strides(dk), h, m, n, d, *scales, **common)
+        return dq, dk, dv
     delta_rows = 64 if INTERPRETED else max(1, 4096 // block_d)
     _attention_delta_kernel[(b * h * triton.cdiv(m, delta_rows),)](
         out, do, delta, *_strides(out), *_strides(do), h, m, d, BLOCK_M=delta_rows, BLOCK_D=block_d)
-    scales = (LOG2E / math.sqrt(d), 1.0 / math.sqrt(d))
-    common = dict(BLOCK_D=block_d, IEEE=q.dtype == torch.float32, INTERP=INTERPRETED)
     _launch("dkdv", "BLOCK_N", n, b * h, d, q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k),
             *_strides(v), *_strides(do), *_strides(dk), h, m, n, d, *scales, **common)
     _launch("dq", "BLOCK_M", m, b * h, d, q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k),
