@@ -301,8 +301,9 @@ _TILES = {  # config set -> (BLOCK_M, BLOCK_N, warps) for head dims up to 64, an
     "forward": ([(64, 64, 4), (128, 64, 8), (64, 128, 4)], [(64, 32, 4), (64, 64, 4), (128, 32, 8)]),
     # two [BLOCK_N, D] accumulators, P recomputed: 64 x 128 at head dim 64 and 64 x 64 at 128 spilled
     "backward": ([(64, 64, 4), (32, 64, 4), (64, 64, 8)], [(64, 32, 4), (32, 64, 8), (32, 32, 4)]),
-    # the split backward's dK/dV loop plus dS K and the scratch update: at head dim 128 every 4-warp tile but
-    # 16 x 32 spilled, and 16 x 32 with 8 warps is the one tile with 32 keys that did not (ViT-H's 65 tokens)
+    # the split backward's dK/dV loop plus dS K and the scratch update. At head dim 128 the 4-warp tiles spilled
+    # (16 x 32 aside, at 254 registers), and of the 32-key tiles only 16 x 32 did not (8 warps: 188 registers),
+    # the one that fits ViT-H's 65 encoder tokens in 3 key blocks instead of 2 with one key in the second
     "backward_head": ([(64, 64, 8), (32, 64, 4), (32, 64, 8)], [(32, 64, 8), (16, 64, 8), (16, 32, 8)]),
 }
 
