@@ -231,7 +231,7 @@ def main(arch: int = 90) -> None:
         warps, stages = (launch[0] if isinstance(launch[0], tuple) else (launch[0], None)) if launch else (4, None)
         kernel = compile_variant(fn, ptrs, consts, target, floats, num_warps=warps, num_stages=stages)
         assert kernel.asm.get("cubin"), name
-        print(f"sm_{arch} ok  {name}: {ptxas_usage(kernel.asm['ptx'], arch)}")
+        print(f"sm_{arch} ok  {name}: {ptxas_usage(kernel.asm['ptx'], arch)}, {kernel.metadata.shared} bytes shared")
 
 
 if __name__ == "__main__":
