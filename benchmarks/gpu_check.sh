@@ -84,9 +84,9 @@ wait "$BUILD"; log "end build rc=$?"; tail -n 5 "$WORK/build.log" | sed 's/^/   
 #    attention (head dim tiled at its size) against SDPA as torch picks it and with each backend forced, forward +
 #    backward at every stack's shape of B, H and L, with both of its backwards: "triton" (one program per head at
 #    these batches) and "triton-split" (NOTES §7.5, split: the decoder 0.8-1.6x SDPA, the encoder 0.6-1.1x; §7.6,
-#    head / split: 1.05-1.30x). ~130 s, most of it the autotuner's compiles (each row is checked against fp32 math
+#    head / split: 0.85-1.20x). ~130 s, most of it the autotuner's compiles (each row is checked against fp32 math
 #    before it is timed); then, only if the Triton decoder beat SDPA's, the compiled ViT-B step with it (decoder
-#    only, and everywhere) against fast-compiled in 2 rounds (§7.6: 0.97-1.09x, 0.95-1.10x).
+#    only, and everywhere) against fast-compiled in 2 rounds (§7.6: 0.94-1.08x, 0.92-1.09x).
 stage attention 150 python benchmarks/attention.py --models B,H,L --out "$WORK/attention"
 if python - "$WORK/attention/attention.json" <<'PY' >>"$DEST/summary.log" 2>&1
 import json, sys

@@ -30,6 +30,7 @@ from fastmae_kernels.triton_ops.attention import (  # noqa: E402
     _attention_dkdv_kernel,
     _attention_dq_kernel,
     _attention_forward_kernel,
+    HEAD_CLASSES,
     _configs,
 )
 from fastmae_kernels.triton_ops.add_layer_norm import (  # noqa: E402
@@ -127,11 +128,11 @@ def attention_variants():
     """Every tile the attention autotuner may pick, bf16 (autocast, bf16 weights) at the head dims of ViT-B/L
     and the decoders (32, 64) and ViT-H (80 -> 128); fp32 and fp16 at the first tile of each set."""
     floats = ("qk_scale", "sm_scale")
-    for big_head, block_d in ((False, 32), (False, 64), (True, 128)):
+    for head_class, block_d in enumerate(HEAD_CLASSES):
         for tiles, kernels in (("forward", (_attention_forward_kernel,)),
                                ("backward", (_attention_dkdv_kernel, _attention_dq_kernel)),
                                ("backward_head", (_attention_backward_head_kernel,))):
-            for i, config in enumerate(_configs(big_head, tiles)):
+            for i, config in enumerate(_configs(head_class, tiles)):
                 for dtype in ("bf16",) if i else ("bf16", "fp32", "fp16"):
                     for fn in kernels:
                         ptrs = {name: ("fp32" if name in FP32_POINTERS else dtype)
@@ -214,7 +215,7 @@ def attention_as_launched(arch: int = 90) -> None:
                       (_attention_dq_kernel, "backward"), (_attention_backward_head_kernel, "backward_head")):
         ptrs = {n: ("fp32" if n in FP32_POINTERS else "bf16") for n in fn.arg_names if n.endswith("_ptr")}
         used = {k: v for k, v in values.items() if k in fn.arg_names}
-        config = _configs(False, tiles)[0]  # what FASTMAE_ATTENTION_AUTOTUNE=0 launches
+        config = _configs(0, tiles)[0]  # what FASTMAE_ATTENTION_AUTOTUNE=0 launches
         consts = dict(config.kwargs, BLOCK_D=32, IEEE=False, INTERP=False)
         kernel = compile_as_launched(fn, ptrs, consts, used, GPUTarget("cuda", arch, 32), num_warps=config.num_warps,
                                      floats=("qk_scale", "sm_scale"), num_stages=config.num_stages)

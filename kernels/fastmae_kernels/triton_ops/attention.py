@@ -297,39 +297,50 @@ def _head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
 
 
-_TILES = {  # config set -> (BLOCK_M, BLOCK_N, warps) for head dims up to 64, and above (ViT-H's 80 -> 128)
-    "forward": ([(64, 64, 4), (128, 64, 8), (64, 128, 4)], [(64, 32, 4), (64, 64, 4), (128, 32, 8)]),
+HEAD_CLASSES = (32, 64, 128)  # tile sets by head block: up to 32 (every decoder), 64 (ViT-B/L), 128 (ViT-H's 80)
+_TILES = {  # config set -> per head class, (BLOCK_M, BLOCK_N, warps) candidates
+    "forward": ([(64, 64, 4), (128, 64, 8), (64, 128, 4)], [(64, 64, 4), (128, 64, 8), (64, 128, 4)],
+                [(64, 32, 4), (64, 64, 4), (128, 32, 8)]),
     # two [BLOCK_N, D] accumulators, P recomputed: 64 x 128 at head dim 64 and 64 x 64 at 128 spilled
-    "backward": ([(64, 64, 4), (32, 64, 4), (64, 64, 8)], [(64, 32, 4), (32, 64, 8), (32, 32, 4)]),
-    # the split backward's dK/dV loop plus dS K and the scratch update. At head dim 128 the 4-warp tiles spilled
+    "backward": ([(64, 64, 4), (32, 64, 4), (64, 64, 8)], [(64, 64, 4), (32, 64, 4), (64, 64, 8)],
+                 [(64, 32, 4), (32, 64, 8), (32, 32, 4)]),
+    # the split backward's dK/dV loop plus dS K and the dQ scratch update. Up to head dim 32, 64 x 128 with 8 warps
+    # (244 registers; it spilled at 64) covers the decoders' 197 keys in 2 blocks: one scratch update per query
+    # block and key block, so half the scratch traffic of 64-key blocks. At head dim 128 the 4-warp tiles spilled
     # (16 x 32 aside, at 254 registers), and of the 32-key tiles only 16 x 32 did not (8 warps: 188 registers),
-    # the one that fits ViT-H's 65 encoder tokens in 3 key blocks instead of 2 with one key in the second
-    "backward_head": ([(64, 64, 8), (32, 64, 4), (32, 64, 8)], [(32, 64, 8), (16, 64, 8), (16, 32, 8)]),
+    # the one that fits ViT-H's 65 encoder tokens in 3 key blocks instead of 2 with one key in the second.
+    "backward_head": ([(64, 64, 8), (64, 128, 8), (32, 64, 4)], [(64, 64, 8), (32, 64, 4), (32, 64, 8)],
+                      [(32, 64, 8), (16, 64, 8), (16, 32, 8)]),
 }
 
 
-def _configs(big_head: bool, tiles: str) -> list[triton.Config]:
+def _head_class(block_d: int) -> int:
+    """Index into HEAD_CLASSES (and each `_TILES` entry) for a head block of `block_d` (a power of two >= 16);
+    head dims above 128 take the last class's tiles (no ViT in use has them; untested on a card)."""
+    return next((i for i, top in enumerate(HEAD_CLASSES) if block_d <= top), len(HEAD_CLASSES) - 1)
+
+
+def _configs(head_class: int, tiles: str) -> list[triton.Config]:
     """Candidate tiles for the autotuner (on a GPU; the interpreter takes `_INTERPRETER_BLOCKS`) from set `tiles`
-    of `_TILES`. Every tile compiles for sm_90 in bf16 without spilling (tests/triton_aot_compile.py prints
-    registers and spills); fp32 inputs run the same tiles without tensor cores and spill, a correctness path, not
-    a fast one."""
+    of `_TILES` for one head class. Every tile compiles for sm_90 in bf16 without spilling
+    (tests/triton_aot_compile.py prints registers and spills); fp32 inputs run the same tiles without tensor cores
+    and spill, a correctness path, not a fast one."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
-            for m, n, w in _TILES[tiles][big_head]]
+            for m, n, w in _TILES[tiles][head_class]]
 
 
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # small tiles: tests cover several blocks and a partial one
 
 
 def _tuned(kernel, tiles: str):
-    """(small-head kernel, big-head kernel): autotuned per (q_len, kv_len, head_dim) on a GPU."""
+    """The kernel autotuned per (q_len, kv_len, head_dim) on a GPU, one version per head class."""
     if INTERPRETED:
-        return kernel, kernel
+        return (kernel,) * len(HEAD_CLASSES)
     key = ["q_len", "kv_len", "head_dim"]
-    return (triton.autotune(_configs(False, tiles), key=key)(kernel),
-            triton.autotune(_configs(True, tiles), key=key)(kernel))
+    return tuple(triton.autotune(_configs(c, tiles), key=key)(kernel) for c in range(len(HEAD_CLASSES)))
 
 
-_KERNELS = {  # name -> (the kernel, its autotuned small- and big-head versions, its set of tiles)
+_KERNELS = {  # name -> (the kernel, its autotuned versions per head class, its set of tiles)
     "forward": (_attention_forward_kernel, _tuned(_attention_forward_kernel, "forward"), "forward"),
     "dkdv": (_attention_dkdv_kernel, _tuned(_attention_dkdv_kernel, "backward"), "backward"),
     "dq": (_attention_dq_kernel, _tuned(_attention_dq_kernel, "backward"), "backward"),
@@ -362,16 +373,16 @@ def backward_kind(heads: int) -> str:
 
 
 def _launch(name: str, grid_rows_arg: str | None, rows: int, bh: int, head_dim: int, *args, **consts):
-    """Launches kernel `name` (small- or big-head tiles) on B * H * (row blocks of `grid_rows_arg`) programs
+    """Launches kernel `name` (its head class's tiles) on B * H * (row blocks of `grid_rows_arg`) programs
     (`_program`), or on B * H programs when `grid_rows_arg` is None."""
     kernel, tuned, tiles = _KERNELS[name]
-    big_head = head_dim > 64
+    head_class = _head_class(_head_block(head_dim))
     if INTERPRETED:
         meta = dict(_INTERPRETER_BLOCKS)
     elif autotune_enabled():
-        kernel, meta = tuned[big_head], {}
+        kernel, meta = tuned[head_class], {}
     else:
-        config = _configs(big_head, tiles)[0]
+        config = _configs(head_class, tiles)[0]
         meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
     def grid(launch_meta):
