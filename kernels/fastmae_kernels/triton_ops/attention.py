@@ -118,6 +118,15 @@ def _attention_forward_kernel(
 
 
 @triton.jit
+def _store_delta(o_base, do_base, delta_at, rows, o_sn, do_sn, q_len, d, d_ok):
+    """delta[row] = sum_d O[row, d] * dO[row, d] in fp32 for `rows` of one head, stored at delta_at + row."""
+    ok = (rows < q_len)[:, None] & d_ok[None, :]
+    o = tl.load(o_base + rows[:, None] * o_sn + d[None, :], mask=ok, other=0.0)
+    do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=ok, other=0.0)
+    tl.store(delta_at + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=rows < q_len)
+
+
+@triton.jit
 def _attention_delta_kernel(
     o_ptr, do_ptr, delta_ptr, o_sb, o_sh, o_sn, do_sb, do_sh, do_sn, heads, q_len, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -126,13 +135,31 @@ def _attention_delta_kernel(
     bh, i = _program(q_len, BLOCK_M)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
-    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    ok = (rows < q_len)[:, None] & (d < head_dim)[None, :]
-    o = tl.load(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_sn + d[None, :], mask=ok, other=0.0)
-    do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sn + d[None, :], mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(delta_ptr + bh.to(tl.int64) * q_len + rows, delta, mask=rows < q_len)
+    _store_delta(o_ptr + b * o_sb + h * o_sh, do_ptr + b * do_sb + h * do_sh, delta_ptr + bh.to(tl.int64) * q_len,
+                 i * BLOCK_M + tl.arange(0, BLOCK_M), o_sn, do_sn, q_len, d, d < head_dim)
+
+
+@triton.jit
+def _dkdv_tile(q_base, do_base, stats_at, lse_ptr, delta_ptr, rows, q_sn, do_sn, q_len, k, v, d, d_ok, col_ok, dk, dv,
+               qk_scale, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """One query block `rows` against one key block (k, v [BLOCK_N, BLOCK_D]): P recomputed from the row lse,
+    dV += P^T dO, dS = P * (dO V^T - delta) rounded to the inputs' dtype, dK += dS^T Q (unscaled).
+    -> (dk, dv, ds [BLOCK_M, BLOCK_N]); the one-program-per-head backward also takes dS K from ds."""
+    row_ok = rows < q_len
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + rows[:, None] * q_sn + d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + stats_at + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + stats_at + rows, mask=row_ok, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
+    p = tl.exp2(s - lse[:, None])
+    p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+    dv += _dot(tl.trans(_cast(p, do.dtype, INTERP)), do, IEEE, INTERP)  # [BLOCK_N, BLOCK_D]
+    dp = _dot(do, tl.trans(v), IEEE, INTERP)  # [BLOCK_M, BLOCK_N]
+    ds = _cast(p * (dp - delta[:, None]), q.dtype, INTERP)
+    dk += _dot(tl.trans(ds), q, IEEE, INTERP)
+    return dk, dv, ds
 
 
 @triton.jit
@@ -161,20 +188,8 @@ def _attention_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, q_len, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-        row_ok = rows < q_len
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * q_sn + d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        dv += _dot(tl.trans(_cast(p, do.dtype, INTERP)), do, IEEE, INTERP)  # [BLOCK_N, BLOCK_D]
-        dp = _dot(do, tl.trans(v), IEEE, INTERP)  # [BLOCK_M, BLOCK_N]
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(_cast(ds, q.dtype, INTERP)), q, IEEE, INTERP)
+        dk, dv, _ = _dkdv_tile(q_base, do_base, row_stats, lse_ptr, delta_ptr, start + tl.arange(0, BLOCK_M), q_sn,
+                               do_sn, q_len, k, v, d, d_ok, col_ok, dk, dv, qk_scale, IEEE, INTERP)
     g_at = b * g_sb + h * g_sh + cols[:, None] * g_sn + d[None, :]
     tl.store(dk_ptr + g_at, _cast(dk * sm_scale, dk_ptr.dtype.element_ty, INTERP), mask=kv_mask)
     tl.store(dv_ptr + g_at, _cast(dv, dv_ptr.dtype.element_ty, INTERP), mask=kv_mask)
@@ -247,12 +262,8 @@ def _attention_backward_head_kernel(
     row_stats = bh.to(tl.int64) * q_len
     acc_base = dq_acc_ptr + row_stats * BLOCK_D
     for start in range(0, q_len, BLOCK_M):  # delta = rowsum(dO * O), as `_attention_delta_kernel`
-        rows = start + tl.arange(0, BLOCK_M)
-        ok = (rows < q_len)[:, None] & d_ok[None, :]
-        o = tl.load(o_base + rows[:, None] * o_sn + d[None, :], mask=ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=ok, other=0.0)
-        tl.store(delta_ptr + row_stats + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1),
-                 mask=rows < q_len)
+        _store_delta(o_base, do_base, delta_ptr + row_stats, start + tl.arange(0, BLOCK_M), o_sn, do_sn, q_len, d,
+                     d_ok)
     tl.debug_barrier()
     for start_n in range(0, kv_len, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows
@@ -264,20 +275,10 @@ def _attention_backward_head_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for start in range(0, q_len, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-            row_ok = rows < q_len
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * q_sn + d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(do_base + rows[:, None] * do_sn + d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(lse_ptr + row_stats + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + row_stats + rows, mask=row_ok, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE, INTERP) * qk_scale  # [BLOCK_M, BLOCK_N]
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-            dv += _dot(tl.trans(_cast(p, do.dtype, INTERP)), do, IEEE, INTERP)  # [BLOCK_N, BLOCK_D]
-            dp = _dot(do, tl.trans(v), IEEE, INTERP)  # [BLOCK_M, BLOCK_N]
-            ds = _cast(p * (dp - delta[:, None]), q.dtype, INTERP)
-            dk += _dot(tl.trans(ds), q, IEEE, INTERP)
+            dk, dv, ds = _dkdv_tile(q_base, do_base, row_stats, lse_ptr, delta_ptr, rows, q_sn, do_sn, q_len, k, v, d,
+                                    d_ok, col_ok, dk, dv, qk_scale, IEEE, INTERP)
             # dQ of these rows += dS K_j; the first key block writes the scratch instead of reading it
+            row_ok = rows < q_len
             acc_at = acc_base + rows[:, None] * BLOCK_D + d[None, :]
             before = tl.load(acc_at, mask=row_ok[:, None] & (start_n > 0), other=0.0)
             tl.store(acc_at, before + _dot(ds, k, IEEE, INTERP), mask=row_ok[:, None])
