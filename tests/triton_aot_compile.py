@@ -25,12 +25,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from fastmae_kernels.triton_ops._rows import _select_rows_kernel  # noqa: E402
 from fastmae_kernels.triton_ops.attention import (  # noqa: E402
-    _attention_backward_head_kernel,
-    _attention_delta_kernel,
-    _attention_dkdv_kernel,
-    _attention_dq_kernel,
-    _attention_forward_kernel,
+    _KERNELS,
     HEAD_CLASSES,
+    _attention_delta_kernel,
     _configs,
 )
 from fastmae_kernels.triton_ops.add_layer_norm import (  # noqa: E402
@@ -129,18 +126,15 @@ def attention_variants():
     and the decoders (32, 64) and ViT-H (80 -> 128); fp32 and fp16 at the first tile of each set."""
     floats = ("qk_scale", "sm_scale")
     for head_class, block_d in enumerate(HEAD_CLASSES):
-        for tiles, kernels in (("forward", (_attention_forward_kernel,)),
-                               ("backward", (_attention_dkdv_kernel, _attention_dq_kernel)),
-                               ("backward_head", (_attention_backward_head_kernel,))):
+        for fn, _, tiles in _KERNELS.values():  # each launched kernel with its set of tiles
             for i, config in enumerate(_configs(head_class, tiles)):
                 for dtype in ("bf16",) if i else ("bf16", "fp32", "fp16"):
-                    for fn in kernels:
-                        ptrs = {name: ("fp32" if name in FP32_POINTERS else dtype)
-                                for name in fn.arg_names if name.endswith("_ptr")}
-                        consts = dict(config.kwargs, BLOCK_D=block_d, IEEE=dtype == "fp32", INTERP=False)
-                        tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                        yield (f"{fn.__name__.strip('_')} {dtype} D{block_d} {tile} w{config.num_warps}", fn, ptrs,
-                               consts, floats, (config.num_warps, config.num_stages))
+                    ptrs = {name: ("fp32" if name in FP32_POINTERS else dtype)
+                            for name in fn.arg_names if name.endswith("_ptr")}
+                    consts = dict(config.kwargs, BLOCK_D=block_d, IEEE=dtype == "fp32", INTERP=False)
+                    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                    yield (f"{fn.__name__.strip('_')} {dtype} D{block_d} {tile} w{config.num_warps}", fn, ptrs,
+                           consts, floats, (config.num_warps, config.num_stages))
     ptrs = dict(o_ptr="bf16", do_ptr="bf16", delta_ptr="fp32")
     yield "attention_delta bf16 D32", _attention_delta_kernel, ptrs, dict(BLOCK_M=128, BLOCK_D=32), ()
 
@@ -211,8 +205,7 @@ def attention_as_launched(arch: int = 90) -> None:
     values = dict(heads=16, q_len=197, kv_len=197, head_dim=32)
     for prefix, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", out), ("do", out), ("g", out), ("gq", out)):
         values.update({f"{prefix}_{k}": v for k, v in strides.items()})
-    for fn, tiles in ((_attention_forward_kernel, "forward"), (_attention_dkdv_kernel, "backward"),
-                      (_attention_dq_kernel, "backward"), (_attention_backward_head_kernel, "backward_head")):
+    for fn, _, tiles in _KERNELS.values():
         ptrs = {n: ("fp32" if n in FP32_POINTERS else "bf16") for n in fn.arg_names if n.endswith("_ptr")}
         used = {k: v for k, v in values.items() if k in fn.arg_names}
         config = _configs(0, tiles)[0]  # what FASTMAE_ATTENTION_AUTOTUNE=0 launches
