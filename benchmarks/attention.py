@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -79,22 +80,12 @@ def implementations(device: torch.device) -> dict:
     return impls
 
 
-@contextlib.contextmanager
 def backward_forced(kind: str | None):
     """FASTMAE_ATTENTION_BACKWARD=kind inside (nothing changed for None); the backward reads it when autograd
     runs it, so a whole forward + backward must run inside."""
     if kind is None:
-        yield
-        return
-    before = os.environ.get("FASTMAE_ATTENTION_BACKWARD")
-    os.environ["FASTMAE_ATTENTION_BACKWARD"] = kind
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["FASTMAE_ATTENTION_BACKWARD"]
-        else:
-            os.environ["FASTMAE_ATTENTION_BACKWARD"] = before
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, {"FASTMAE_ATTENTION_BACKWARD": kind})
 
 
 def inputs(shape: Shape, device: torch.device, dtype: torch.dtype):
