@@ -12,6 +12,7 @@ the path) and says "not measured" for the rest: a check cut short by its budget 
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 import tarfile
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks import gpu_clocks, kernel_bandwidth  # noqa: E402
 from benchmarks.common import format_speedup, markdown_table, speedup_range  # noqa: E402
 from benchmarks.e2e import step_range  # noqa: E402
-from benchmarks.predictions import PREDICTED_FOR, PREDICTIONS, ROUND_SPREAD_MAX, Prediction  # noqa: E402
+from benchmarks.predictions import (  # noqa: E402
+    DECISIONS, PREDICTED_FOR, PREDICTIONS, ROUND_SPREAD_MAX, Decision, Prediction)
 
 SLOW = 1.10  # a step this much slower than its row's median counts as slow
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,12 +134,24 @@ def _kernel_lines(p: Prediction, rows: list[dict]) -> list[dict]:
     return [{"where": "kernels", "value": value, "range": rng}]
 
 
-def _attention_lines(p: Prediction, rows: list[dict]) -> list[dict]:
+# benchmarks/attention.py's rows that force one backward; the one `auto` picked at a shape is timed once, as "triton"
+_FORCED_BACKWARD = {"triton-head": "head", "triton-split": "split"}
+
+
+def _attention_row(pick: dict[str, dict], impl: str) -> dict | None:
+    """The row of `impl` among one shape's rows, by impl; a forced backward's is the "triton" row where that ran it."""
+    if impl in pick or impl not in _FORCED_BACKWARD:
+        return pick.get(impl)
+    auto = pick.get("triton")
+    return auto if auto and auto.get("backward") == _FORCED_BACKWARD[impl] else None
+
+
+def _attention_lines(p: Prediction | Decision, rows: list[dict]) -> list[dict]:
     """`a` = "stack/impl" against impl `b` at model `p.model`: b's fwd+bwd ms / a's, with its p20/p80 range; for
     stack "step", the per-step sums (no range: a sum of medians)."""
     stack, impl = p.a.split("/")
     pick = {r["impl"]: r for r in rows if r["model"] == p.model and r["stack"] == stack}
-    a, b = pick.get(impl), pick.get(p.b)
+    a, b = _attention_row(pick, impl), _attention_row(pick, p.b)
     key = "step_attention_ms" if stack == "step" else "fwd_bwd_ms"
     if not a or not b or not a.get(key) or not b.get(key):
         return []
@@ -159,26 +173,31 @@ def _trainer_lines(p: Prediction, runs: dict[str, dict], e2e: dict[str, list[dic
     return [{"where": "trainer", "value": b[0] / a[0], "range": speedup_range(a[1], b[1])}]
 
 
+def _lines(p: Prediction | Decision, e2e: dict, kernels: list[dict], trainer: dict,
+           bandwidth: dict[str, dict[str, float]] | None, attention: list[dict] | None) -> list[dict]:
+    """What the check measured for `p`: one {"where", "value", "range"} per run that holds both sides."""
+    if p.kind == "e2e":
+        return _e2e_lines(p, e2e)
+    if p.kind == "bandwidth":  # a fraction of the copy rate, from the kernel_bandwidth join
+        frac = (bandwidth or {}).get(p.a, {}).get(p.b)
+        return [{"where": p.a.split("/")[0], "value": frac, "range": None}] if frac is not None else []
+    if p.kind == "kernel":
+        return _kernel_lines(p, kernels)
+    if p.kind == "attention":
+        return _attention_lines(p, attention or [])
+    if p.kind == "trainer":
+        return _trainer_lines(p, trainer, e2e)
+    summary = (trainer.get(p.a) or {}).get("summary")  # busy, waits: one number from the run's profile summary
+    key = {"busy": "busy", "waits": "host_waits_per_step"}[p.kind]
+    return [{"where": "trainer", "value": summary[key], "range": None}] if summary else []
+
+
 def prediction_table(e2e: dict, kernels: list[dict], trainer: dict,
                      bandwidth: dict[str, dict[str, float]] | None = None,
                      attention: list[dict] | None = None) -> list[dict]:
     table = []
     for p in PREDICTIONS:
-        if p.kind == "e2e":
-            lines = _e2e_lines(p, e2e)
-        elif p.kind == "bandwidth":  # a fraction of the copy rate, from the kernel_bandwidth join
-            frac = (bandwidth or {}).get(p.a, {}).get(p.b)
-            lines = [{"where": p.a.split("/")[0], "value": frac, "range": None}] if frac is not None else []
-        elif p.kind == "kernel":
-            lines = _kernel_lines(p, kernels)
-        elif p.kind == "attention":
-            lines = _attention_lines(p, attention or [])
-        elif p.kind == "trainer":
-            lines = _trainer_lines(p, trainer, e2e)
-        else:  # busy, waits: one number from the run's profile summary
-            summary = (trainer.get(p.a) or {}).get("summary")
-            key = {"busy": "busy", "waits": "host_waits_per_step"}[p.kind]
-            lines = [{"where": "trainer", "value": summary[key], "range": None}] if summary else []
+        lines = _lines(p, e2e, kernels, trainer, bandwidth, attention)
         what = f"{p.a} / {p.b}" if p.kind not in ("busy", "waits") else f"{p.a} {p.kind}"
         if p.kind == "bandwidth":
             what = f"{p.a.split('/')[1]} {p.b} kernels, of copy rate"
@@ -192,6 +211,36 @@ def prediction_table(e2e: dict, kernels: list[dict], trainer: dict,
                                       and p.b != "graph_ms")  # the others are ms, fractions or counts
             table.append({**base, "run": line["where"], "measured": measured,
                           "verdict": verdict(line["value"], line["range"], p.lo, p.hi), "why": p.why})
+    return table
+
+
+# --- decisions ---------------------------------------------------------------------------------------------
+
+def decide(value: float | None, rng: list[float] | tuple[float, float] | None) -> str:
+    """"change" when the candidate is the faster over its whole range, "keep" when the code's choice is, else why
+    the run cannot tell."""
+    if value is None or math.isnan(value):
+        return "not measured"
+    if rng is None or any(math.isnan(x) for x in rng):
+        return "undecided: one value, no range"
+    if rng[0] > 1.0:
+        return "change"
+    if rng[1] < 1.0:
+        return "keep"
+    return "undecided: the range holds 1"
+
+
+def decision_table(e2e: dict, trainer: dict, attention: list[dict] | None = None) -> list[dict]:
+    """Each of DECISIONS against what the check measured: the outcome and the edit it asks for."""
+    table = []
+    for d in DECISIONS:
+        for line in _lines(d, e2e, [], trainer, None, attention) or [{"where": "-", "value": None, "range": None}]:
+            outcome = decide(line["value"], line["range"])
+            action = {"change": d.change, "keep": "none: the code's choice is the faster",
+                      "not measured": "-"}.get(outcome, "none yet: measure it again, in more rounds")
+            table.append({"NOTES": f"§{d.source}", "model": d.model, "candidate / now": f"{d.a} / {d.b}",
+                          "run": line["where"], "measured": format_speedup(line["value"], line["range"]),
+                          "outcome": outcome, "action": action})
     return table
 
 
@@ -358,6 +407,10 @@ def report(root: Path, codegen: Path | None = None) -> str:
              markdown_table(prediction_table(e2e, kernels, trainer, bandwidth_fractions(joins, copy),
                                              attention_rows(root)),
                             ["NOTES", "model", "what", "run", "predicted", "measured", "verdict", "why"])]
+    decisions = decision_table(e2e, trainer, attention_rows(root))
+    parts += ["\n## Decisions (benchmarks/predictions.py DECISIONS): the defaults this run settles\n",
+              "Speed-up of the candidate over what the code does now; a default changes only when the candidate's "
+              "whole range is above 1.\n", markdown_table(decisions, list(decisions[0]))]
     spreads = spread_table(e2e)
     if spreads:
         parts += [f"\n## Round spreads (NOTES §6.2 predicted <= {ROUND_SPREAD_MAX:.0%})\n", markdown_table(

@@ -145,3 +145,44 @@ PREDICTIONS = [
 
 # §6.2: a variant's round medians should agree within this (max - min) / median
 ROUND_SPREAD_MAX = 0.03
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A default in the code that one measurement of the GPU check settles: the candidate `a` against `b`, what the
+    code does now, read as a Prediction of the same kind and model is. `change` is the edit to make when a is the
+    faster over its whole measured range; when b is, the code stays as it is; otherwise the run cannot tell."""
+    source: str  # section of benchmarks/NOTES.md
+    kind: str  # "e2e", "attention" or "trainer", as Prediction.kind
+    model: str
+    a: str
+    b: str
+    change: str
+
+
+_HEAD_OR_SPLIT = ("the split backward at this B * H: `auto` should pick it here (HEAD_BACKWARD_MIN_HEADS, "
+                  "kernels/fastmae_kernels/triton_ops/attention.py, above it)")
+
+DECISIONS = [
+    Decision("7.6", "e2e", "B", "fast-compiled-tritonattn-dec", "fast-compiled",
+             "'triton' as the CUDA default of --decoder_attn_backend (fastmae/train/config.py) and of the model's "
+             "decoder_attn_backend"),
+    Decision("7.6", "e2e", "B", "fast-compiled-tritonattn", "fast-compiled-tritonattn-dec",
+             "'triton' as the CUDA default of --attn_backend too (the encoder's attention)"),
+    *(Decision("7.6", "attention", model, f"{stack}/triton-split", "triton-head", _HEAD_OR_SPLIT)
+      for model in ("B", "L", "H") for stack in ("decoder", "encoder")),
+    Decision("6.11", "e2e", "B", "fast-compiled-autotune", "fast-compiled",
+             "--compile_mode max-autotune-no-cudagraphs as the trainer's default under --compile"),
+    Decision("6.2", "e2e", "B", "fast-compiled-flash", "fast-compiled",
+             "SDPA held to its flash backend inside the compiled model"),
+    Decision("6.6", "e2e", "B", "fast-compiled-fusedgelu", "fast-compiled",
+             "the bias + GELU kernel under --compile by default (--fused_block_ops' GELU half)"),
+    Decision("6.10", "e2e", "B", "fast-compiled-fusednorm", "fast-compiled",
+             "the residual add + LayerNorm kernel under --compile by default (--fused_block_ops' norm half)"),
+    *(Decision("7.4", "e2e", model, "fast-eager-fusedblocks-graphed", "fast-eager-graphed",
+               "the fused block kernels by default where the eager step is one CUDA-graph replay")
+      for model in ("B", "H")),
+    Decision("6.3", "trainer", "B", "pretrain_B_z2_compiled_bf16-pure", "pretrain_B_z2_compiled_bf16",
+             "the README names --precision bf16-pure as the faster choice (a bf16 residual stream, not the "
+             "paper's fp32 one; the default stays bf16 autocast)"),
+]

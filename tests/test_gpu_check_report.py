@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import e2e, gpu_check_report, gpu_clocks  # noqa: E402
+from benchmarks.common import speedup_range  # noqa: E402
 from benchmarks.kernels.cases import SMOKE_SHAPES, make_cases, make_inputs  # noqa: E402
-from benchmarks.predictions import PREDICTIONS  # noqa: E402
+from benchmarks.predictions import DECISIONS, PREDICTIONS  # noqa: E402
 from fastmae.profiling import CATEGORIES  # noqa: E402
 
 CLOCK_HEADER = ("timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], temperature.gpu, "
@@ -62,6 +63,48 @@ def test_predictions_name_what_the_check_measures():
                 folder, variant = p.b[4:].split("/")
                 assert f'"$WORK/{folder}"' in script and variant in e2e.VARIANTS, p
         assert p.lo <= p.hi and p.kind in ("e2e", "kernel", "trainer", "busy", "waits", "bandwidth", "attention"), p
+
+
+def _e2e_stages(script: str) -> list[tuple[set[str], set[str]]]:
+    """(models, variants) of every e2e stage in gpu_check.sh, its continued lines joined."""
+    joined = script.replace("\\\n", " ")
+    return [(set(models.split(",")), set(variants.split(",")))
+            for models, variants in re.findall(r"--models ([\w,]+).*?--variants ([\w,-]+)", joined)]
+
+
+def test_decisions_are_measured_by_the_check():
+    """A decision whose two sides no single stage runs could never be settled: each e2e pair must share one stage's
+    variants, each attention pair be rows the benchmark writes, each trainer pair be runs the script starts."""
+    from benchmarks.attention import GPU_SHAPES, TRITON_FORCED
+
+    script = (REPO / "benchmarks/gpu_check.sh").read_text()
+    stages = _e2e_stages(script)
+    assert len(stages) >= 8 and DECISIONS
+    for d in DECISIONS:
+        assert d.change and d.a != d.b, d
+        if d.kind == "e2e":
+            assert any(d.model in models and {d.a, d.b} <= variants for models, variants in stages), d
+        elif d.kind == "attention":
+            stack, impl = d.a.split("/")
+            assert {impl, d.b} <= {"sdpa", "triton", *TRITON_FORCED}, d
+            assert (d.model, stack) in {(s.model, s.stack) for s in GPU_SHAPES}, d
+        else:
+            assert d.kind == "trainer", d
+            for run in (d.a, d.b):
+                assert run.rsplit("_", 1)[0] + "_$precision" in script or run in script, run
+
+
+@pytest.mark.parametrize("value, rng, expected", [
+    (1.04, [1.01, 1.06], "change"),
+    (0.97, [0.95, 0.99], "keep"),
+    (1.01, [0.99, 1.03], "undecided: the range holds 1"),
+    (1.10, None, "undecided: one value, no range"),
+    (1.10, [float("nan"), 1.2], "undecided: one value, no range"),
+    (None, None, "not measured"),
+    (float("nan"), None, "not measured"),
+])
+def test_decide(value, rng, expected):
+    assert gpu_check_report.decide(value, rng) == expected
 
 
 @pytest.mark.parametrize("value, rng, expected", [
@@ -128,6 +171,9 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     # the trainer: compile + profile in the first window (dropped), steady 4,700-4,800 img/s after it
     _trainer_run(root / "pretrain_B_compiled", [900.0, 4700.0, 4800.0, 4750.0], busy=0.955)
     _trainer_run(root / "pretrain_B_compiled_timer", [900.0, 4400.0, 4420.0, 4410.0])
+    # the precision pair a decision reads: bf16-pure faster over its whole range
+    _trainer_run(root / "pretrain_B_z2_compiled_bf16", [900.0, 4500.0, 4520.0, 4510.0])
+    _trainer_run(root / "pretrain_B_z2_compiled_bf16-pure", [900.0, 4800.0, 4850.0, 4820.0])
     # e2e's compiled row the trainer is read against (another run), and kernel rows (written as the benchmark does)
     (root / "e2e_B").mkdir()
     (root / "e2e_B/e2e.json").write_text(json.dumps({"rows": [
@@ -194,6 +240,15 @@ def test_report_reads_a_check_against_the_predictions(tmp_path):
     assert cells[5] == "0.980 [0.970, 1.030]" and cells[6] == "above: missed"  # ms: no "no difference" flag
     assert rows["ref-compiled-fusedadamw / ref-compiled"][0][6] == "not measured"
     assert "## Round spreads" in text and "## Trainer runs" in text and "end triton_tests rc=0" in text
+    decisions = {}
+    for line in text.split("## Decisions", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("§"):
+            decisions[cells[1], cells[2]] = cells
+    assert len(decisions) == len(DECISIONS)
+    cells = decisions["B", "pretrain_B_z2_compiled_bf16-pure / pretrain_B_z2_compiled_bf16"]
+    assert cells[4].startswith("1.0") and cells[5] == "change" and cells[6].startswith("the README names")
+    assert decisions["B", "fast-compiled-tritonattn-dec / fast-compiled"][5:] == ["not measured", "-"]
     trainer_row = next(line for line in text.splitlines() if line.startswith("| pretrain_B_compiled |"))
     assert trainer_row.rstrip().endswith("| 0 | 3 |")  # host waits per step, allocator events in the window
     assert "    2 compiled graphs: 10 generated kernel calls" in text and "c1.py" not in text  # totals only
@@ -244,3 +299,14 @@ def test_report_reads_the_attention_benchmark(tmp_path):
     pick = {r["impl"]: r for r in data["rows"] if r["stack"] == "decoder"}
     want = pick["sdpa"]["fwd_bwd_ms"] / pick["triton"]["fwd_bwd_ms"]
     assert line["measured"].startswith(f"{want:.3f} [") and line["verdict"] != "not measured"
+    # the decision on the head or split backward: at the smoke's 2 x 4 heads `auto` ran split, so the split side is
+    # the "triton" row and the head side the forced one; head's ms / split's, and the outcome that number gives
+    assert pick["triton"]["backward"] == "split" and "triton-split" not in pick
+    (line,) = [t for t in gpu_check_report.decision_table({}, {}, rows)
+               if t["model"] == "B" and t["candidate / now"] == "decoder/triton-split / triton-head"]
+    head, split = pick["triton-head"], pick["triton"]
+    want = head["fwd_bwd_ms"] / split["fwd_bwd_ms"]
+    rng = speedup_range((split["fwd_bwd_ms_p20"], split["fwd_bwd_ms_p80"]),
+                        (head["fwd_bwd_ms_p20"], head["fwd_bwd_ms_p80"]))
+    assert line["measured"].startswith(f"{want:.3f} [") and line["outcome"] == gpu_check_report.decide(want, rng)
+    assert line["action"] != "-"
