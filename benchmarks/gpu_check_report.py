@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks.*`
 
 from benchmarks import gpu_clocks, kernel_bandwidth  # noqa: E402
+from benchmarks.attention import TRITON_FORCED  # noqa: E402  (the backward `auto` picked is timed as "triton")
 from benchmarks.common import format_speedup, markdown_table, speedup_range  # noqa: E402
 from benchmarks.e2e import step_range  # noqa: E402
 from benchmarks.predictions import (  # noqa: E402
@@ -134,16 +135,14 @@ def _kernel_lines(p: Prediction, rows: list[dict]) -> list[dict]:
     return [{"where": "kernels", "value": value, "range": rng}]
 
 
-# benchmarks/attention.py's rows that force one backward; the one `auto` picked at a shape is timed once, as "triton"
-_FORCED_BACKWARD = {"triton-head": "head", "triton-split": "split"}
 
 
 def _attention_row(pick: dict[str, dict], impl: str) -> dict | None:
     """The row of `impl` among one shape's rows, by impl; a forced backward's is the "triton" row where that ran it."""
-    if impl in pick or impl not in _FORCED_BACKWARD:
+    if impl in pick or impl not in TRITON_FORCED:
         return pick.get(impl)
     auto = pick.get("triton")
-    return auto if auto and auto.get("backward") == _FORCED_BACKWARD[impl] else None
+    return auto if auto and auto.get("backward") == TRITON_FORCED[impl] else None
 
 
 def _attention_lines(p: Prediction | Decision, rows: list[dict]) -> list[dict]:
