@@ -135,8 +135,6 @@ def _kernel_lines(p: Prediction, rows: list[dict]) -> list[dict]:
     return [{"where": "kernels", "value": value, "range": rng}]
 
 
-
-
 def _attention_row(pick: dict[str, dict], impl: str) -> dict | None:
     """The row of `impl` among one shape's rows, by impl; a forced backward's is the "triton" row where that ran it."""
     if impl in pick or impl not in TRITON_FORCED:
