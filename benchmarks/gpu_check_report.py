@@ -386,7 +386,7 @@ def bandwidth_section(joins: list[dict], codegen: Path | None, copy: float | Non
 
 
 def report(root: Path, codegen: Path | None = None) -> str:
-    e2e, kernels, trainer = e2e_runs(root), kernel_rows(root), trainer_runs(root)
+    e2e, kernels, trainer, attention = e2e_runs(root), kernel_rows(root), trainer_runs(root), attention_rows(root)
     codegen = codegen or default_codegen(root)
     copy = copy_gbps(root, kernels)
     joins = bandwidth_joins(root, codegen)
@@ -401,10 +401,9 @@ def report(root: Path, codegen: Path | None = None) -> str:
              "## Predictions (benchmarks/predictions.py; reasoning in benchmarks/NOTES.md)\n",
              "Speed-up of a over b, measured in one run, with [lo, hi] at the two rows' opposite ends of their "
              "measured times; a prediction is met when the whole range lies inside it.\n",
-             markdown_table(prediction_table(e2e, kernels, trainer, bandwidth_fractions(joins, copy),
-                                             attention_rows(root)),
+             markdown_table(prediction_table(e2e, kernels, trainer, bandwidth_fractions(joins, copy), attention),
                             ["NOTES", "model", "what", "run", "predicted", "measured", "verdict", "why"])]
-    decisions = decision_table(e2e, trainer, attention_rows(root))
+    decisions = decision_table(e2e, trainer, attention)
     parts += ["\n## Decisions (benchmarks/predictions.py DECISIONS): the defaults this run settles\n",
               "Speed-up of the candidate over what the code does now; a default changes only when the candidate's "
               "whole range is above 1.\n", markdown_table(decisions, list(decisions[0]))]

@@ -30,6 +30,11 @@ def _clock_line(t: float, sm: int, reasons: int) -> str:
     return f"{stamp}, {sm} MHz, 2619 MHz, 650.25 W, 61, 100 %, 0x{reasons:016x}\n"
 
 
+def _trainer_run_started(run: str, script: str) -> bool:
+    """gpu_check.sh starts trainer run `run`: named in it, or the bf16 pair's through its loop variable."""
+    return run in script or run.rsplit("_", 1)[0] + "_$precision" in script
+
+
 def test_predictions_name_what_the_check_measures():
     """A typo in a prediction would leave it 'not measured' forever: every name must be one e2e, the kernel
     benchmark or gpu_check.sh produces."""
@@ -57,8 +62,8 @@ def test_predictions_name_what_the_check_measures():
             assert list(gpu_check_report.RESULTS.glob(f"codegen-*/torch-*/{variant}/kernels.json")), p
         else:
             runs = [p.a] + ([p.b] if p.b and not p.b.startswith("e2e:") else [])
-            for run in runs:  # trainer stages are named in the script (the bf16 pair through a loop variable)
-                assert run in script or run.rsplit("_", 1)[0] + "_$precision" in script, run
+            for run in runs:
+                assert _trainer_run_started(run, script), run
             if p.b.startswith("e2e:"):
                 folder, variant = p.b[4:].split("/")
                 assert f'"$WORK/{folder}"' in script and variant in e2e.VARIANTS, p
@@ -91,7 +96,7 @@ def test_decisions_are_measured_by_the_check():
         else:
             assert d.kind == "trainer", d
             for run in (d.a, d.b):
-                assert run.rsplit("_", 1)[0] + "_$precision" in script or run in script, run
+                assert _trainer_run_started(run, script), run
 
 
 @pytest.mark.parametrize("value, rng, expected", [
